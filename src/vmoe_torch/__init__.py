@@ -1,0 +1,15 @@
+"""vmoe-torch: V-MoE (Riquelme et al. 2021, arXiv 2106.05974) in PyTorch."""
+from .models import ModelConfig, MoeConfig, VisionTransformerMoe, create_model, list_models
+from .moe import MoeMlp, RoutingConfig
+
+__version__ = "0.1.0"
+
+__all__ = ["ModelConfig", "MoeConfig", "VisionTransformerMoe", "create_model", "list_models",
+           "MoeMlp", "RoutingConfig", "from_pretrained"]
+
+
+def from_pretrained(path: str, **kwargs):
+    """Loads a model exported with `vmoe convert` or `save_pretrained`
+    (model.safetensors + config.json)."""
+    from .convert.pretrained import from_pretrained as _load
+    return _load(path, **kwargs)

@@ -1,0 +1,104 @@
+"""Our own export format: `model.safetensors` + `config.json` in a directory.
+
+config.json schema (version 1):
+  {"format": "vmoe-torch", "format_version": 1, "model": <ModelConfig as JSON>,
+   "source": optional free-form provenance}
+Weights are safetensors (no pickle). Writes go to a temporary sibling
+directory that is renamed into place, so OUT_DIR is never half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..models.config import ModelConfig
+from ..models.vit_moe import VisionTransformerMoe
+from ..utils.typed_config import from_dict, to_dict
+
+FORMAT, FORMAT_VERSION = "vmoe-torch", 1
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    """Copies `state` into `model`, failing on any missing, unexpected or
+    mis-shaped entry (no silent partial loads)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError("Checkpoint does not match the model config:"
+                         + (f"\n  missing in checkpoint: {missing}" if missing else "")
+                         + (f"\n  not in the model: {unexpected}" if unexpected else "")
+                         + (f"\n  shape mismatches: {shapes}" if shapes else ""))
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(torch.as_tensor(v))
+
+
+def _replace_dir(tmp: str, out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir):
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{out_dir!r} already exists; pass overwrite=True (--overwrite).")
+        old = tempfile.mkdtemp(dir=os.path.dirname(out_dir) or ".", prefix=".old-")
+        os.rmdir(old)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool = False,
+                    source: Optional[dict[str, Any]] = None) -> None:
+    """Writes model.safetensors + config.json atomically to `out_dir`."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir!r} already exists; pass overwrite=True (--overwrite).")
+    parent = os.path.dirname(out_dir)
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, os.path.join(tmp, "model.safetensors"))
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(model.config)}
+        if source:
+            meta["source"] = source
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        _replace_dir(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_config(path: str) -> ModelConfig:
+    with open(os.path.join(path, "config.json")) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r}/config.json is not a {FORMAT} config (format={meta.get('format')!r}).")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"Unsupported format_version {meta.get('format_version')!r}.")
+    return from_dict(ModelConfig, meta["model"])
+
+
+def from_pretrained(path: str, map_location: str = "cpu", **routing: Any) -> VisionTransformerMoe:
+    """Loads a directory written by `save_pretrained` / `vmoe convert`; the
+    model is returned in eval mode. Routing keyword arguments, if any, are
+    applied with `set_routing`."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a directory with model.safetensors and config.json.")
+    model = VisionTransformerMoe(read_config(path))
+    load_state_strict(model, load_file(os.path.join(path, "model.safetensors"), device=map_location))
+    model.eval()
+    if routing:
+        model.set_routing(**routing)
+    return model

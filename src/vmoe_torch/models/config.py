@@ -1,0 +1,114 @@
+"""Typed model configuration (mirrors the reference's constructor kwargs)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from ..moe.config import RoutingConfig
+
+Classifier = Literal["token", "gap", "map"]
+PositionEmb = Literal["learned", "sincos2d", "none"]
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Which blocks are sparse and how their experts are built.
+
+    Attributes:
+      layers: indices of the blocks whose MLP is an MoE.
+      num_experts: E.
+      group_size: tokens per routing group (None: the whole batch); the paper
+        uses 8 images' worth of tokens.
+      mlp_dim: hidden size of each expert (None: the model's mlp_dim).
+      routing: the routing settings shared by every MoE layer.
+    """
+
+    layers: tuple[int, ...] = ()
+    num_experts: int = 8
+    group_size: Optional[int] = None
+    mlp_dim: Optional[int] = None
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A V-MoE (or, with `moe=None`, a dense ViT).
+
+    Attributes:
+      num_classes: head outputs; 0 means no head (features only).
+      image_size: (H, W) the learned position embedding is built for.
+      patch_size: (ph, pw).
+      hidden_size, num_layers, num_heads, mlp_dim: the backbone.
+      classifier: "token" (class token), "gap" (mean over tokens) or "map"
+        (multi-head attention pooling).
+      representation_size: size of the optional Dense+tanh pre-logits layer.
+      position_emb: "learned", "sincos2d" or "none".
+      dropout_rate, attention_dropout_rate: as in ViT.
+      head_bias_init: constant head bias (the paper: -log(num_classes)).
+      head_kernel_zero_init: zero-initialise the head kernel.
+      moe: the MoE layers, or None for a dense ViT.
+      in_chans: image channels.
+      check_finite: raise on non-finite input images (costs a reduction).
+    """
+
+    num_classes: int = 1000
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    classifier: Classifier = "token"
+    representation_size: Optional[int] = None
+    position_emb: PositionEmb = "learned"
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    head_bias_init: float = 0.0
+    head_kernel_zero_init: bool = True
+    moe: Optional[MoeConfig] = None
+    in_chans: int = 3
+    check_finite: bool = False
+
+    def validate(self) -> None:
+        """Raises ValueError naming any inconsistent setting."""
+        if self.classifier not in ("token", "gap", "map"):
+            raise ValueError(f"Unknown classifier {self.classifier!r}: use 'token', 'gap' or 'map'.")
+        if self.position_emb not in ("learned", "sincos2d", "none"):
+            raise ValueError(
+                f"Unknown position_emb {self.position_emb!r}: use 'learned', 'sincos2d' or 'none'.")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}.")
+        for name, size in (("image_size", self.image_size), ("patch_size", self.patch_size)):
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"{name} must be two positive ints, got {size}.")
+        if self.image_size[0] % self.patch_size[0] or self.image_size[1] % self.patch_size[1]:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of "
+                             f"patch_size {self.patch_size}.")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}.")
+        if self.moe is not None:
+            bad = [i for i in self.moe.layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise ValueError(f"MoE layers {bad} are outside the {self.num_layers} blocks "
+                                 f"(valid: 0..{self.num_layers - 1}).")
+            if self.moe.num_experts < 1:
+                raise ValueError(f"num_experts must be >= 1, got {self.moe.num_experts}.")
+            if self.moe.group_size is not None and self.moe.group_size < 1:
+                raise ValueError(f"group_size must be >= 1 token, got {self.moe.group_size}.")
+            self.moe.routing.validate(self.moe.num_experts)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+    @property
+    def tokens_per_image(self) -> int:
+        h, w = self.grid
+        return h * w + (1 if self.classifier == "token" else 0)
+
+
+def as_pair(v: Union[int, tuple[int, int], list[int]]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[1]))

@@ -1,0 +1,90 @@
+"""Named model presets and `create_model`."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+from ..moe.config import RoutingConfig
+from .config import ModelConfig, MoeConfig, as_pair
+from .variants import parse_description
+from .vit_moe import VisionTransformerMoe
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+
+
+def register(name: str, description: str, **kw: Any) -> None:
+    PRESETS[name] = lambda: parse_description(description, **kw)
+
+
+# The paper's V-MoE backbones (E=8, K=2 as the released checkpoints) and their dense twins.
+for _size, _patch in (("S", 32), ("B", 32), ("B", 16), ("L", 32), ("L", 16), ("H", 14)):
+    _tag = f"{_size.lower()}{_patch}"
+    register(f"vit_{_tag}", f"ViT-{_size}/{_patch}")
+    register(f"vmoe_{_tag}_every2", f"V-MoE-{_size}/{_patch}, E=8, K=2, Every 2")
+    register(f"vmoe_{_tag}_last2", f"V-MoE-{_size}/{_patch}, E=8, K=2, Last 2")
+register("vit_ti16", "ViT-Ti/16")
+# Tiny CPU presets: 32x32 images, patch 4 (64 tokens + class token).
+register("vit_mi4", "ViT-Mi/4", num_classes=10, image_size=32)
+register("vmoe_mi4_every1", "V-MoE-Mi/4, E=8, K=2, Every 1", num_classes=10, image_size=32)
+register("vmoe_mi4_every2", "V-MoE-Mi/4, E=8, K=2, Every 2", num_classes=10, image_size=32)
+register("vit_ti4", "ViT-Ti/4", num_classes=10, image_size=32)
+register("vmoe_ti4_every2", "V-MoE-Ti/4, E=8, K=2, Every 2", num_classes=10, image_size=32)
+
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+_MOE_FIELDS = {f.name for f in dataclasses.fields(MoeConfig)} - {"routing"}
+_ROUTING_FIELDS = {f.name for f in dataclasses.fields(RoutingConfig)}
+
+
+def list_models() -> list[str]:
+    return sorted(PRESETS)
+
+
+def resolve_config(name: str, **overrides: Any) -> ModelConfig:
+    """Config of a preset name or paper description with overrides applied.
+
+    Overrides may name any ModelConfig field (num_classes, image_size, ...),
+    any MoeConfig field (num_experts, group_size, layers) or any routing
+    field (num_selected_experts, capacity_factor, batch_priority, ...).
+    """
+    if name in PRESETS:
+        cfg = PRESETS[name]()
+    elif "/" in name:
+        cfg = parse_description(name)
+    else:
+        raise ValueError(f"Unknown model {name!r}. Known presets: {list_models()}, or a paper "
+                         "description such as 'ViT-S/32, E=8, K=2, Last 2'.")
+    unknown = sorted(set(overrides) - _MODEL_FIELDS - _MOE_FIELDS - _ROUTING_FIELDS)
+    if unknown:
+        raise ValueError(f"Unknown override(s) {unknown} for create_model; valid: model fields "
+                         f"{sorted(_MODEL_FIELDS)}, MoE fields {sorted(_MOE_FIELDS)}, routing "
+                         f"fields {sorted(_ROUTING_FIELDS)}.")
+    model_kw = {k: v for k, v in overrides.items() if k in _MODEL_FIELDS}
+    for key in ("image_size", "patch_size"):
+        if key in model_kw:
+            model_kw[key] = as_pair(model_kw[key])
+    if "num_classes" in model_kw and "head_bias_init" not in model_kw and cfg.head_bias_init:
+        n = model_kw["num_classes"]
+        model_kw["head_bias_init"] = -math.log(n) if n > 1 else 0.0
+    moe_kw = {k: v for k, v in overrides.items() if k in _MOE_FIELDS}
+    routing_kw = {k: v for k, v in overrides.items() if k in _ROUTING_FIELDS}
+    if (moe_kw or routing_kw) and cfg.moe is None and "moe" not in model_kw:
+        raise ValueError(f"{name!r} is a dense model: MoE/routing overrides {sorted(moe_kw) + sorted(routing_kw)} do not apply.")
+    cfg = dataclasses.replace(cfg, **model_kw)
+    if cfg.moe is not None and (moe_kw or routing_kw or "image_size" in model_kw):
+        if "layers" in moe_kw:
+            moe_kw["layers"] = tuple(moe_kw["layers"])
+        if "capacity" in routing_kw and "capacity_factor" not in routing_kw:
+            routing_kw["capacity_factor"] = None
+        routing = dataclasses.replace(cfg.moe.routing, **routing_kw)
+        if "group_size" not in moe_kw and "image_size" in model_kw:
+            moe_kw["group_size"] = 8 * cfg.tokens_per_image
+        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, routing=routing, **moe_kw))
+    cfg.validate()
+    return cfg
+
+
+def create_model(name: str, **overrides: Any) -> VisionTransformerMoe:
+    """Builds a model from a preset name (see `list_models()`) or a paper
+    description, e.g. `create_model("ViT-S/32, E=8, K=2, Last 2", num_classes=10)`."""
+    return VisionTransformerMoe(resolve_config(name, **overrides))

@@ -1,0 +1,116 @@
+"""Backbone size table, MoE placement rules and the paper's model descriptions.
+
+"ViT-S/32, E=8, K=2, Last 2" -> a `ModelConfig`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from ..moe.config import RoutingConfig
+from .config import ModelConfig, MoeConfig
+
+
+@dataclass(frozen=True)
+class Backbone:
+    hidden_size: int
+    num_layers: int
+    mlp_dim: int
+    num_heads: int
+
+
+# The paper's S/B/L/H (Table 8 of arXiv 2106.05974), ViT-Ti, and a CPU-sized "Mi".
+BACKBONES: dict[str, Backbone] = {
+    "Mi": Backbone(64, 6, 128, 4),
+    "Ti": Backbone(192, 12, 768, 3),
+    "S": Backbone(512, 8, 2048, 8),
+    "B": Backbone(768, 12, 3072, 12),
+    "L": Backbone(1024, 24, 4096, 16),
+    "H": Backbone(1280, 32, 5120, 16),
+}
+
+
+def every_n(num_layers: int, n: int) -> tuple[int, ...]:
+    """"Every n": blocks n-1, 2n-1, ... (Every 2 on 12 blocks: 1, 3, ..., 11)."""
+    if n < 1:
+        raise ValueError(f"'Every n' needs n >= 1, got {n}.")
+    return tuple(range(n - 1, num_layers, n))
+
+
+def last_n(num_layers: int, n: int) -> tuple[int, ...]:
+    """"Last n": the last n odd blocks (Last 2 on 8 blocks: 5, 7)."""
+    odd = list(range(1, num_layers, 2))
+    if not 1 <= n <= len(odd):
+        raise ValueError(f"'Last {n}' needs 1 <= n <= {len(odd)} odd blocks of {num_layers}.")
+    return tuple(odd[-n:])
+
+
+_DESCRIPTION = re.compile(
+    r"^\s*(?:v-?moe|vit)-(?P<size>mi|ti|s|b|l|h)/(?P<patch>\d+)"
+    r"(?P<opts>(?:\s*,\s*[^,]+)*)\s*$", re.IGNORECASE)
+
+
+def parse_description(text: str, num_classes: int = 1000,
+                      image_size: Optional[int] = None) -> ModelConfig:
+    """Parses a paper description such as "ViT-S/32, E=8, K=2, Last 2" or
+    "V-MoE-B/16, E=32, K=2, Every 2, C=1.05". Without E the model is dense.
+
+    Group size defaults to 8 images' worth of tokens, as in the paper.
+    """
+    m = _DESCRIPTION.match(text)
+    if not m:
+        raise ValueError(
+            f"Cannot parse model description {text!r}. Expected e.g. "
+            "'ViT-S/32, E=8, K=2, Last 2' (sizes: Mi, Ti, S, B, L, H; placement: "
+            "'Every n', 'Last n' or 'Layers 1 3 5').")
+    size = next(k for k in BACKBONES if k.lower() == m["size"].lower())
+    bb, patch = BACKBONES[size], int(m["patch"])
+    opts = [o.strip() for o in m["opts"].split(",") if o.strip()]
+    experts = k = None
+    cf = 1.05
+    layers: Optional[tuple[int, ...]] = None
+    for opt in opts:
+        low = opt.lower().replace(" ", "")
+        if low.startswith("e="):
+            experts = int(low[2:])
+        elif low.startswith("k="):
+            k = int(low[2:])
+        elif low.startswith("c="):
+            cf = float(low[2:])
+        elif low.startswith("every"):
+            layers = ("every", int(low[5:]))
+        elif low.startswith("last"):
+            layers = ("last", int(low[4:]))
+        elif low.startswith("layers"):
+            layers = tuple(int(x) for x in opt.split()[1:])
+        else:
+            raise ValueError(f"Unknown option {opt!r} in model description {text!r}; "
+                             "known: E=, K=, C=, Every n, Last n, Layers i j ...")
+    if image_size is None:
+        image_size = 32 if size == "Mi" else 224
+    if image_size % patch:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}.")
+    base = dict(num_classes=num_classes, image_size=(image_size, image_size),
+                patch_size=(patch, patch), hidden_size=bb.hidden_size, num_layers=bb.num_layers,
+                num_heads=bb.num_heads, mlp_dim=bb.mlp_dim, classifier="token",
+                head_bias_init=-math.log(num_classes) if num_classes > 1 else 0.0)
+    if experts is None:
+        if k is not None or layers is not None:
+            raise ValueError(f"{text!r} sets K or MoE layers but no number of experts E=.")
+        return ModelConfig(**base)
+    if layers is None:
+        layers = ("every", 2)
+    if layers and layers[0] == "every":
+        moe_layers = every_n(bb.num_layers, layers[1])
+    elif layers and layers[0] == "last":
+        moe_layers = last_n(bb.num_layers, layers[1])
+    else:
+        moe_layers = tuple(layers)
+    tokens = (image_size // patch) ** 2 + 1
+    routing = RoutingConfig(num_selected_experts=k or 1, capacity_factor=cf)
+    moe = MoeConfig(layers=moe_layers, num_experts=experts, group_size=8 * tokens, routing=routing)
+    cfg = ModelConfig(**base, moe=moe)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,261 @@
+"""VisionTransformerMoe: a ViT whose chosen MLP blocks are sparse MoEs
+(reference `vmoe.nn.vit_moe.VisionTransformerMoe`).
+
+Data path: images (B, C, H, W) -> conv patches (B, h*w, D) -> [class token]
+-> + position embedding -> blocks (pre-LN attention, pre-LN MLP or MoE)
+-> encoder LayerNorm -> pool (token / gap / map) -> [Dense + tanh] -> head.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import Attention, MapHead, Mlp, PatchEmbed, resample_pos_embed, sincos2d_pos_embed
+from ..moe import MoeMlp
+from ..moe.config import RoutingConfig
+from .config import ModelConfig
+
+Metrics = dict[str, Tensor]
+
+
+class Block(nn.Module):
+    """Pre-LN encoder block: x + Attn(LN(x)), then x + Mlp(LN(x)) (or MoE)."""
+
+    def __init__(self, cfg: ModelConfig, is_moe: bool) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        self.attn = Attention(d, cfg.num_heads, cfg.attention_dropout_rate)
+        self.drop = nn.Dropout(cfg.dropout_rate)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.is_moe = is_moe
+        if is_moe:
+            moe = cfg.moe
+            self.mlp: nn.Module = MoeMlp(
+                d, moe.mlp_dim or cfg.mlp_dim, moe.num_experts, group_size=moe.group_size,
+                dropout_rate=cfg.dropout_rate, **dataclasses.asdict(moe.routing))
+        else:
+            self.mlp = Mlp(d, cfg.mlp_dim, cfg.dropout_rate)
+
+    def forward(self, x: Tensor, noise: Optional[Tensor] = None) -> tuple[Tensor, Optional[Metrics]]:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        if self.is_moe:
+            y, metrics = self.mlp(self.norm2(x), noise=noise)
+            return x + y, metrics
+        return x + self.mlp(self.norm2(x)), None
+
+
+class VisionTransformerMoe(nn.Module):
+    """Vision Transformer with sparse MoE layers (arXiv 2106.05974).
+
+    `model(images)` takes (B, C, H, W) float images and returns logits
+    (B, num_classes); `model(images, return_metrics=True)` returns
+    `(logits, metrics)`, where `metrics["auxiliary_loss"]` is the 0-dim
+    tensor to add to the training loss and `encoderblock_<i>/<name>` holds
+    each MoE layer's per-group (G,) metrics.
+    """
+
+    def __init__(self, config: Optional[ModelConfig] = None, **kwargs: Any) -> None:
+        super().__init__()
+        if config is None:
+            from ..utils.typed_config import from_dict
+            config = from_dict(ModelConfig, kwargs)
+        elif kwargs:
+            raise ValueError("Pass either a ModelConfig or keyword arguments, not both.")
+        config.validate()
+        self.config = config
+        d = config.hidden_size
+        self.patch_embed = PatchEmbed(config.patch_size, d, config.in_chans)
+        self.num_prefix_tokens = 1 if config.classifier == "token" else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if self.num_prefix_tokens else None
+        self.pos_grid = config.grid
+        if config.position_emb == "learned":
+            n = self.pos_grid[0] * self.pos_grid[1] + self.num_prefix_tokens
+            self.pos_embed = nn.Parameter(torch.empty(1, n, d).normal_(std=0.02))
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(config.dropout_rate)
+        moe_layers = set(config.moe.layers) if config.moe is not None else set()
+        self.blocks = nn.ModuleList(Block(config, i in moe_layers) for i in range(config.num_layers))
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.map_head = MapHead(d, config.mlp_dim, config.num_heads) if config.classifier == "map" else None
+        if config.representation_size:
+            self.pre_logits: Optional[nn.Linear] = nn.Linear(d, config.representation_size)
+            from ..layers.init import lecun_normal_
+            lecun_normal_(self.pre_logits.weight, d)
+            nn.init.zeros_(self.pre_logits.bias)
+        else:
+            self.pre_logits = None
+        self.num_features = config.representation_size or d
+        self.head: Optional[nn.Linear] = None
+        self._build_head(config.num_classes, config.head_bias_init)
+
+    # ----------------------------------------------------------------- head
+    def _build_head(self, num_classes: int, bias_init: float) -> None:
+        if num_classes <= 0:
+            self.head = None
+            return
+        self.head = nn.Linear(self.num_features, num_classes)
+        if self.config.head_kernel_zero_init:
+            nn.init.zeros_(self.head.weight)
+        else:
+            from ..layers.init import lecun_normal_
+            lecun_normal_(self.head.weight, self.num_features)
+        nn.init.constant_(self.head.bias, bias_init)
+
+    def reset_classifier(self, num_classes: int, head_bias_init: float = 0.0,
+                         keep_representation: bool = True) -> None:
+        """New zero-initialised head (fine-tuning); optionally drops the
+        representation (pre-logits) layer."""
+        if not keep_representation and self.pre_logits is not None:
+            self.pre_logits = None
+            self.num_features = self.config.hidden_size
+        self.config = dataclasses.replace(
+            self.config, num_classes=num_classes, head_bias_init=head_bias_init,
+            representation_size=self.config.representation_size if self.pre_logits is not None else None)
+        device = next(self.parameters()).device
+        self._build_head(num_classes, head_bias_init)
+        if self.head is not None:
+            self.head.to(device)
+
+    # ------------------------------------------------------- position embed
+    def resize_pos_embed(self, image_size: tuple[int, int]) -> None:
+        """Resamples the learned position embedding for another image size
+        (fine-tuning at a higher resolution), class token kept."""
+        new_grid = self.patch_embed.grid(*image_size)
+        if self.pos_embed is not None:
+            new = resample_pos_embed(self.pos_embed.data, self.pos_grid, new_grid, self.num_prefix_tokens)
+            self.pos_embed = nn.Parameter(new)
+        self.pos_grid = new_grid
+        self.config = dataclasses.replace(self.config, image_size=tuple(image_size))
+
+    def _add_pos_embed(self, x: Tensor, grid: tuple[int, int], interpolate: bool) -> Tensor:
+        kind = self.config.position_emb
+        if kind == "sincos2d":
+            pe = sincos2d_pos_embed(grid[0], grid[1], x.shape[-1], device=x.device).to(x.dtype)
+            if self.num_prefix_tokens:
+                return torch.cat([x[:, :1], x[:, 1:] + pe], dim=1)
+            return x + pe
+        if kind == "learned":
+            pe = self.pos_embed
+            if grid != self.pos_grid:
+                if not interpolate:
+                    raise ValueError(
+                        f"Images give a {grid[0]}x{grid[1]} patch grid but the position embedding "
+                        f"is for {self.pos_grid[0]}x{self.pos_grid[1]} (image_size="
+                        f"{self.config.image_size}). Pass interpolate_pos_embed=True, or call "
+                        "model.resize_pos_embed(new_image_size) once before fine-tuning.")
+                pe = resample_pos_embed(pe, self.pos_grid, grid, self.num_prefix_tokens)
+            return x + pe.to(x.dtype)
+        return x
+
+    # -------------------------------------------------------------- forward
+    def _check_images(self, images: Tensor) -> tuple[int, int]:
+        if images.dim() != 4:
+            raise ValueError(f"Expected images of shape (B, C, H, W), got {tuple(images.shape)}. "
+                             "Add a batch axis, or permute NHWC images with .permute(0, 3, 1, 2).")
+        if images.shape[1] != self.config.in_chans:
+            raise ValueError(f"Expected {self.config.in_chans} channels (NCHW), got shape "
+                             f"{tuple(images.shape)}. NHWC images need .permute(0, 3, 1, 2).")
+        if self.config.check_finite and not torch.isfinite(images).all():
+            raise ValueError("Input images contain NaN or Inf values.")
+        return self.patch_embed.grid(images.shape[2], images.shape[3])
+
+    def forward_features(self, images: Tensor, router_noise: Optional[Mapping[str, Tensor]] = None,
+                         interpolate_pos_embed: bool = False) -> tuple[Tensor, Metrics]:
+        """(B, C, H, W) -> encoded tokens (B, N, D) after the encoder norm, and metrics."""
+        grid = self._check_images(images)
+        x = self.patch_embed(images)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = self.pos_drop(self._add_pos_embed(x, grid, interpolate_pos_embed))
+        metrics: Metrics = {}
+        aux = x.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.blocks):
+            name = f"encoderblock_{i}"
+            noise = router_noise.get(name) if router_noise else None
+            x, m = block(x, noise)
+            if m is not None:
+                for key, value in m.items():
+                    if key == "auxiliary_loss":
+                        continue
+                    out_key = "auxiliary_loss" if key == "auxiliary_loss_per_group" else key
+                    metrics[f"{name}/{out_key}"] = value
+                aux = aux + m["auxiliary_loss"]
+        metrics["auxiliary_loss"] = aux
+        return self.norm(x), metrics
+
+    def pool(self, x: Tensor) -> Tensor:
+        """(B, N, D) -> (B, D) by the configured classifier."""
+        if self.config.classifier == "token":
+            return x[:, 0]
+        if self.config.classifier == "gap":
+            return x.mean(dim=1)
+        return self.map_head(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Encoded tokens (B, N, D) -> logits (B, classes), or with
+        `pre_logits=True` the head's input (after the tanh of the
+        representation layer), the features few-shot evaluation uses."""
+        x = self.pool(x)
+        if self.pre_logits is not None:
+            x = torch.tanh(self.pre_logits(x))
+        if pre_logits or self.head is None:
+            return x
+        return self.head(x)
+
+    def forward(self, images: Tensor, return_metrics: bool = False,
+                router_noise: Optional[Mapping[str, Tensor]] = None,
+                interpolate_pos_embed: bool = False):
+        x, metrics = self.forward_features(images, router_noise, interpolate_pos_embed)
+        logits = self.forward_head(x)
+        return (logits, metrics) if return_metrics else logits
+
+    # -------------------------------------------------------------- routing
+    def moe_layers(self) -> dict[str, MoeMlp]:
+        """{"encoderblock_<i>": MoeMlp} for every MoE block."""
+        return {f"encoderblock_{i}": b.mlp for i, b in enumerate(self.blocks) if b.is_moe}
+
+    def set_routing(self, layers: Optional[list[int]] = None, **changes: Any) -> None:
+        """Changes routing at inference without retraining, e.g.
+        `model.set_routing(num_selected_experts=1, capacity_factor=0.5,
+        batch_priority=True)`; `layers` restricts it to some block indices."""
+        moe = self.moe_layers()
+        if not moe:
+            raise ValueError("This model has no MoE layers to re-route.")
+        targets = moe if layers is None else {f"encoderblock_{i}": moe.get(f"encoderblock_{i}") for i in layers}
+        missing = [k for k, v in targets.items() if v is None]
+        if missing:
+            raise ValueError(f"Blocks {missing} are not MoE layers; MoE blocks: {sorted(moe)}.")
+        for layer in targets.values():
+            layer.set_routing(**changes)
+        if layers is None and self.config.moe is not None:
+            first = next(iter(moe.values())).routing
+            self.config = dataclasses.replace(
+                self.config, moe=dataclasses.replace(self.config.moe, routing=first))
+
+    def routing_settings(self) -> dict[str, RoutingConfig]:
+        return {k: v.routing for k, v in self.moe_layers().items()}
+
+    @contextlib.contextmanager
+    def routing(self, layers: Optional[list[int]] = None, **changes: Any) -> Iterator[None]:
+        """Context manager form of `set_routing`; restores the settings on exit."""
+        saved = self.routing_settings()
+        saved_config = self.config
+        try:
+            self.set_routing(layers, **changes)
+            yield
+        finally:
+            for name, layer in self.moe_layers().items():
+                layer.routing = saved[name]
+            self.config = saved_config
+
+
+def paper_head_bias(num_classes: int) -> float:
+    """The paper's head bias init, -log(num_classes)."""
+    return -math.log(num_classes)

@@ -1,0 +1,167 @@
+"""Dispatchers: move tokens (G, S, D) into expert buffers (E, G*C, D) and
+combine expert outputs back (reference `BaseDispatcher` contract).
+
+The fast path (`IndexDispatcher`, `ExpertChoiceDispatcher`) builds a
+token<->slot plan once per layer and uses index gathers only. The einsum
+path (`EinsumDispatcher`, `dense_combine_weights`) materialises the
+(G, S, E, C) tensors the reference uses; it exists as a readable reference
+and for tests, not for training.
+
+Buffer layout: row `g*C + c` of expert `e` holds group g's slot c.
+Axis legend: see `vmoe_torch.moe.routing`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .routing import TopExpertsRouting, TopItemsRouting, top_experts_per_item
+
+
+def round_to_bfloat16(x: Tensor) -> Tensor:
+    """Rounds float values to bfloat16 precision (round-to-nearest-even) and
+    back to the input dtype, as the reference's `Bfloat16Dispatcher` does."""
+    return x.to(torch.bfloat16).to(x.dtype) if x.is_floating_point() else x
+
+
+class IndexDispatcher:
+    """Gather/gather dispatcher for top-K-experts-per-item routing.
+
+    Dispatch gathers each slot's token (empty slots read a zero row); combine
+    gathers each token's K slots and takes their gate-weighted sum, so a
+    dropped choice contributes exactly zero.
+    """
+
+    def __init__(self, routing: TopExpertsRouting, bfloat16: bool = False) -> None:
+        groups, group_size, k = routing.expert_index.shape
+        capacity, num_experts = routing.capacity, routing.num_experts
+        device = routing.expert_index.device
+        self.groups, self.group_size, self.k = groups, group_size, k
+        self.num_experts, self.capacity = num_experts, capacity
+        self.bfloat16 = bfloat16
+        kept = routing.kept                                               # (G, S, K)
+        group_offset = torch.arange(groups, device=device).view(groups, 1, 1) * capacity
+        slot = routing.expert_index * (groups * capacity) + group_offset + routing.buffer_index
+        num_slots = num_experts * groups * capacity
+        # Dropped choices point at a spare slot past the end, sliced off below.
+        slot = torch.where(kept, slot, torch.full_like(slot, num_slots))
+        tokens = torch.arange(groups * group_size, device=device)
+        tokens = tokens.view(groups, group_size, 1).expand(-1, -1, k)
+        slot_token = torch.full((num_slots + 1,), groups * group_size,
+                                dtype=torch.long, device=device)
+        slot_token.scatter_(0, slot.reshape(-1), tokens.reshape(-1))
+        self.slot_token = slot_token[:num_slots]                         # (E*G*C,)
+        self.token_slot = torch.where(kept, slot, torch.zeros_like(slot)).reshape(-1)
+        self.weights = routing.combine_weights * kept                     # (G, S, K)
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        """(G, S, D) -> (E, G*C, D); empty slots hold zeros."""
+        dim = x.shape[-1]
+        if self.bfloat16:
+            x = round_to_bfloat16(x)
+        x = x.reshape(-1, dim)
+        x = torch.cat([x, x.new_zeros(1, dim)])
+        return x.index_select(0, self.slot_token).view(
+            self.num_experts, self.groups * self.capacity, dim)
+
+    def combine(self, y: Tensor) -> Tensor:
+        """(E, G*C, D) -> (G, S, D), the gate-weighted sum over kept choices."""
+        dim = y.shape[-1]
+        if self.bfloat16:
+            y = round_to_bfloat16(y)
+        gathered = y.reshape(-1, dim).index_select(0, self.token_slot)
+        gathered = gathered.view(self.groups * self.group_size, self.k, dim)
+        w = self.weights.reshape(-1, self.k, 1).to(gathered.dtype)
+        if self.k == 1:
+            out = gathered[:, 0] * w[:, 0]
+        else:
+            out = torch.bmm(w.transpose(1, 2), gathered).squeeze(1)
+        return out.view(self.groups, self.group_size, dim)
+
+
+class ExpertChoiceDispatcher:
+    """Gather/scatter-add dispatcher for expert-choice routing: an item may
+    sit in any number of experts' buffers (or none)."""
+
+    def __init__(self, routing: TopItemsRouting, group_size: int, bfloat16: bool = False) -> None:
+        groups, num_experts, capacity = routing.item_index.shape
+        self.groups, self.group_size = groups, group_size
+        self.num_experts, self.capacity, self.bfloat16 = num_experts, capacity, bfloat16
+        offset = torch.arange(groups, device=routing.item_index.device).view(groups, 1, 1)
+        tokens = routing.item_index + offset * group_size                 # (G, E, C)
+        self.slot_token = tokens.transpose(0, 1).reshape(-1)              # (E*G*C,)
+        self.slot_weight = routing.combine_weights.transpose(0, 1).reshape(-1)
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        """(G, S, D) -> (E, G*C, D)."""
+        dim = x.shape[-1]
+        if self.bfloat16:
+            x = round_to_bfloat16(x)
+        return x.reshape(-1, dim).index_select(0, self.slot_token).view(
+            self.num_experts, self.groups * self.capacity, dim)
+
+    def combine(self, y: Tensor) -> Tensor:
+        """(E, G*C, D) -> (G, S, D)."""
+        dim = y.shape[-1]
+        if self.bfloat16:
+            y = round_to_bfloat16(y)
+        y = y.reshape(-1, dim) * self.slot_weight.to(y.dtype).unsqueeze(-1)
+        out = y.new_zeros(self.groups * self.group_size, dim)
+        out = out.index_add(0, self.slot_token, y)
+        return out.view(self.groups, self.group_size, dim)
+
+
+def routing_to_dense(routing: TopExpertsRouting, gates: Tensor) -> Tensor:
+    """(G, S, E, C) combine weights (gate where the item sits in slot c of
+    expert e, else 0) from an index routing plan. Test/debug helper."""
+    groups, group_size, num_experts = gates.shape
+    capacity = routing.capacity
+    out = gates.new_zeros(groups, group_size, num_experts * capacity + 1)
+    kept = routing.kept
+    col = torch.where(kept, routing.expert_index * capacity + routing.buffer_index,
+                      torch.full_like(routing.buffer_index, num_experts * capacity))
+    out.scatter_(2, col, torch.where(kept, routing.combine_weights, torch.zeros_like(routing.combine_weights)))
+    return out[..., :-1].view(groups, group_size, num_experts, capacity)
+
+
+def dense_combine_weights(gates: Tensor, num_selected_experts: int, capacity: int,
+                          batch_priority: bool) -> Tensor:
+    """(G, S, E) gates -> (G, S, E, C) combine weights, identical to the
+    reference EinsumDispatcher's `combine_weights`. Not the hot path."""
+    routing = top_experts_per_item(gates, num_selected_experts, capacity, batch_priority)
+    return routing_to_dense(routing, gates)
+
+
+def top_items_to_dense(routing: TopItemsRouting, gates: Tensor) -> Tensor:
+    """(G, S, E, C) combine weights of expert-choice routing."""
+    groups, group_size, num_experts = gates.shape
+    capacity = routing.capacity
+    out = gates.new_zeros(groups, num_experts, capacity, group_size)
+    out.scatter_(3, routing.item_index.unsqueeze(-1), routing.combine_weights.unsqueeze(-1))
+    return out.permute(0, 3, 1, 2)
+
+
+class EinsumDispatcher:
+    """The reference's readable dispatcher: (G, S, E, C) one-hot einsums."""
+
+    def __init__(self, combine_weights: Tensor, dispatch_mask: Tensor | None = None,
+                 bfloat16: bool = False) -> None:
+        self.combine_weights = combine_weights                           # (G, S, E, C)
+        self.dispatch_mask = combine_weights > 0 if dispatch_mask is None else dispatch_mask
+        self.bfloat16 = bfloat16
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        """(G, S, D) -> (E, G*C, D)."""
+        if self.bfloat16:
+            x = round_to_bfloat16(x)
+        groups, _, num_experts, capacity = self.combine_weights.shape
+        buf = torch.einsum("gsec,gsd->egcd", self.dispatch_mask.to(x.dtype), x)
+        return buf.reshape(num_experts, groups * capacity, x.shape[-1])
+
+    def combine(self, y: Tensor) -> Tensor:
+        """(E, G*C, D) -> (G, S, D)."""
+        if self.bfloat16:
+            y = round_to_bfloat16(y)
+        groups, _, num_experts, capacity = self.combine_weights.shape
+        y = y.view(num_experts, groups, capacity, y.shape[-1])
+        return torch.einsum("gsec,egcd->gsd", self.combine_weights.to(y.dtype), y)

@@ -1,0 +1,45 @@
+"""E expert MLPs (Dense-GELU-Dense) stored as stacked parameters and applied
+with batched matmuls. Kernels keep the reference layout (E, in, out)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Experts(nn.Module):
+    """Batched expert MLPs.
+
+    Parameters: `w1 (E, D, H)`, `b1 (E, H)`, `w2 (E, H, D)`, `b2 (E, D)`.
+    """
+
+    def __init__(self, num_experts: int, dim: int, mlp_dim: int,
+                 dropout_rate: float = 0.0) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.mlp_dim = num_experts, dim, mlp_dim
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, mlp_dim))
+        self.b1 = nn.Parameter(torch.empty(num_experts, mlp_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, mlp_dim, dim))
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        self.dropout = nn.Dropout(dropout_rate)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # vit_jax MlpBlock: xavier_uniform kernels, normal(1e-6) biases.
+        for w in (self.w1, self.w2):
+            fan_in, fan_out = w.shape[1], w.shape[2]
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            nn.init.uniform_(w, -bound, bound)
+        for b in (self.b1, self.b2):
+            nn.init.normal_(b, std=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(E, N, D) -> (E, N, D)."""
+        h = torch.baddbmm(self.b1.unsqueeze(1).to(x.dtype), x, self.w1.to(x.dtype))
+        h = self.dropout(F.gelu(h, approximate="tanh"))
+        return self.dropout(torch.baddbmm(self.b2.unsqueeze(1).to(h.dtype), h, self.w2.to(h.dtype)))
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, mlp_dim={self.mlp_dim}"
