@@ -1,0 +1,32 @@
+"""Shared test helpers. Reference fixtures: tests/fixtures/reference (see ORIGIN.md)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reference"
+ROUTING = FIXTURES / "routing"
+MODELS = FIXTURES / "models"
+MODEL_CASES = sorted(p.name for p in MODELS.iterdir() if p.is_dir())
+
+torch.set_num_threads(2)
+
+
+def load_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
