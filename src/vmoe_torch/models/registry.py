@@ -12,9 +12,23 @@ from .vit_moe import VisionTransformerMoe
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
+# CPU-sized presets: no representation layer, fp32 dispatch (the bf16 rounding
+# only costs time on CPUs), aux loss weight 0.01 each.
+_TINY = dict(representation_size=None)
+_TINY_ROUTING = dict(bfloat16_dispatch=False, importance_loss_weight=0.01, load_loss_weight=0.01)
 
-def register(name: str, description: str, **kw: Any) -> None:
-    PRESETS[name] = lambda: parse_description(description, **kw)
+
+def register(name: str, description: str, tiny: bool = False, **kw: Any) -> None:
+    def build() -> ModelConfig:
+        cfg = parse_description(description, **kw)
+        if not tiny:
+            return cfg
+        cfg = dataclasses.replace(cfg, **_TINY)
+        if cfg.moe is not None:
+            cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
+                cfg.moe, routing=dataclasses.replace(cfg.moe.routing, **_TINY_ROUTING)))
+        return cfg
+    PRESETS[name] = build
 
 
 # The paper's V-MoE backbones (E=8, K=2 as the released checkpoints) and their dense twins.
@@ -25,11 +39,11 @@ for _size, _patch in (("S", 32), ("B", 32), ("B", 16), ("L", 32), ("L", 16), ("H
     register(f"vmoe_{_tag}_last2", f"V-MoE-{_size}/{_patch}, E=8, K=2, Last 2")
 register("vit_ti16", "ViT-Ti/16")
 # Tiny CPU presets: 32x32 images, patch 4 (64 tokens + class token).
-register("vit_mi4", "ViT-Mi/4", num_classes=10, image_size=32)
-register("vmoe_mi4_every1", "V-MoE-Mi/4, E=8, K=2, Every 1", num_classes=10, image_size=32)
-register("vmoe_mi4_every2", "V-MoE-Mi/4, E=8, K=2, Every 2", num_classes=10, image_size=32)
-register("vit_ti4", "ViT-Ti/4", num_classes=10, image_size=32)
-register("vmoe_ti4_every2", "V-MoE-Ti/4, E=8, K=2, Every 2", num_classes=10, image_size=32)
+register("vit_mi4", "ViT-Mi/4", tiny=True, num_classes=10, image_size=32)
+register("vmoe_mi4_every1", "V-MoE-Mi/4, E=8, K=2, Every 1", tiny=True, num_classes=10, image_size=32)
+register("vmoe_mi4_every2", "V-MoE-Mi/4, E=8, K=2, Every 2", tiny=True, num_classes=10, image_size=32)
+register("vit_ti4", "ViT-Ti/4", tiny=True, num_classes=10, image_size=32)
+register("vmoe_ti4_every2", "V-MoE-Ti/4, E=8, K=2, Every 2", tiny=True, num_classes=10, image_size=32)
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 _MOE_FIELDS = {f.name for f in dataclasses.fields(MoeConfig)} - {"routing"}

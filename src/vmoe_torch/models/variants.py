@@ -56,8 +56,11 @@ def parse_description(text: str, num_classes: int = 1000,
                       image_size: Optional[int] = None) -> ModelConfig:
     """Parses a paper description such as "ViT-S/32, E=8, K=2, Last 2" or
     "V-MoE-B/16, E=32, K=2, Every 2, C=1.05". Without E the model is dense.
+    A trailing "300 Epochs" (the reference's form) is accepted and ignored.
 
-    Group size defaults to 8 images' worth of tokens, as in the paper.
+    The other settings follow the paper's configs: group size of 8 images'
+    worth of tokens, representation layer, head bias -log(num_classes),
+    auxiliary loss weights 0.005, capacity factor 1.05, bfloat16 dispatch.
     """
     m = _DESCRIPTION.match(text)
     if not m:
@@ -83,6 +86,8 @@ def parse_description(text: str, num_classes: int = 1000,
             layers = ("every", int(low[5:]))
         elif low.startswith("last"):
             layers = ("last", int(low[4:]))
+        elif low.endswith("epochs"):
+            continue  # training length, not part of the model
         elif low.startswith("layers"):
             layers = tuple(int(x) for x in opt.split()[1:])
         else:
@@ -92,9 +97,12 @@ def parse_description(text: str, num_classes: int = 1000,
         image_size = 32 if size == "Mi" else 224
     if image_size % patch:
         raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}.")
+    # The paper's settings (reference vmoe_paper/common.py): token classifier,
+    # representation layer of the hidden size, head bias -log(classes).
     base = dict(num_classes=num_classes, image_size=(image_size, image_size),
                 patch_size=(patch, patch), hidden_size=bb.hidden_size, num_layers=bb.num_layers,
                 num_heads=bb.num_heads, mlp_dim=bb.mlp_dim, classifier="token",
+                representation_size=bb.hidden_size,
                 head_bias_init=-math.log(num_classes) if num_classes > 1 else 0.0)
     if experts is None:
         if k is not None or layers is not None:
@@ -109,7 +117,10 @@ def parse_description(text: str, num_classes: int = 1000,
     else:
         moe_layers = tuple(layers)
     tokens = (image_size // patch) ** 2 + 1
-    routing = RoutingConfig(num_selected_experts=k or 1, capacity_factor=cf)
+    # Paper: aux loss weights 0.005 each, bfloat16 dispatch, vanilla routing in training.
+    routing = RoutingConfig(num_selected_experts=k or 1, capacity_factor=cf,
+                            importance_loss_weight=0.005, load_loss_weight=0.005,
+                            bfloat16_dispatch=True)
     moe = MoeConfig(layers=moe_layers, num_experts=experts, group_size=8 * tokens, routing=routing)
     cfg = ModelConfig(**base, moe=moe)
     cfg.validate()

@@ -1,0 +1,36 @@
+"""`vmoe` entry point: dispatches to one module per subcommand."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import convert, models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmoe", description="V-MoE (sparse Vision Mixture of Experts) in PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (convert, models):
+        module.add_parser(sub)
+    try:
+        from . import train_cli
+        train_cli.add_parsers(sub)
+    except ImportError:  # pragma: no cover - optional until training lands
+        pass
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"vmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
