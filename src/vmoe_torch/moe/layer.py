@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .capacity import compute_capacity
 from .config import RoutingConfig
-from .dispatch import ExpertChoiceDispatcher, IndexDispatcher
+from .dispatch import EinsumDispatcher, ExpertChoiceDispatcher, IndexDispatcher, routing_to_dense
 from .experts import Experts
 from .routing import (gshard_loss, importance_loss, load_loss, top_experts_per_item,
                       top_items_metrics, top_items_per_expert)
@@ -85,6 +85,12 @@ class MoeMlp(nn.Module):
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.experts = Experts(num_experts, dim, mlp_dim, dropout_rate)
         self.generator: Optional[torch.Generator] = None
+        # "index" (gather/gather, the fast path) or "einsum" (the reference's
+        # dense (G, S, E, C) dispatch, kept for comparison and debugging).
+        self.dispatch_impl = "index"
+        # Analysis hook: when a list, each routed run appends its (detached)
+        # routing plan: expert_index, buffer_index, top gates, capacity.
+        self.recorded: Optional[list[dict[str, Tensor]]] = None
         fan_in = dim  # flax Dense default: lecun_normal (truncated normal)
         nn.init.trunc_normal_(self.router.weight, std=math.sqrt(1.0 / fan_in) / 0.8796256610342398,
                               a=-2 * math.sqrt(1.0 / fan_in) / 0.8796256610342398,
@@ -182,7 +188,11 @@ class MoeMlp(nn.Module):
         else:
             routing = top_experts_per_item(gates_dispatch, r.num_selected_experts, capacity,
                                            r.batch_priority, r.priority, self.generator)
-            dispatcher = IndexDispatcher(routing, r.bfloat16_dispatch)
+            if self.dispatch_impl == "einsum":
+                dispatcher = EinsumDispatcher(routing_to_dense(routing, gates_dispatch),
+                                              bfloat16=r.bfloat16_dispatch)
+            else:
+                dispatcher = IndexDispatcher(routing, r.bfloat16_dispatch)
             losses = {"importance_loss": (r.importance_loss_weight, importance_loss(gates)),
                       "gshard_loss": (r.gshard_loss_weight, gshard_loss(gates_dispatch))}
             if noisy:
@@ -195,6 +205,11 @@ class MoeMlp(nn.Module):
                     aux = aux + weight * value
             metrics["auxiliary_loss_per_group"] = aux
             metrics.update(_routing_stats(routing, self.num_experts))
+            if self.recorded is not None:
+                self.recorded.append({"expert_index": routing.expert_index.detach().cpu(),
+                                      "buffer_index": routing.buffer_index.detach().cpu(),
+                                      "gates": routing.combine_weights.detach().float().cpu(),
+                                      "capacity": torch.tensor(capacity)})
         metrics["capacity"] = torch.tensor(capacity)
         y = dispatcher.combine(self.experts(dispatcher.dispatch(x)))
         return y.to(x.dtype), metrics

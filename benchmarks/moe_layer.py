@@ -1,0 +1,95 @@
+"""One MoE layer, forward + backward, fp32 on the CPU (median of repeats).
+
+Prints, per shape, three timings measured in the same run:
+  moe      our MoeMlp (router + index dispatch + experts + combine)
+  experts  the batched expert MLP alone on the same number of buffer slots
+           (E, G*C, D): the floor any MoE layer pays
+  einsum   the same MoeMlp with the reference's dense einsum dispatch
+and the ratios moe/experts (target <= 1.15) and einsum/moe (target >= 1.5
+at B/16 shapes).
+
+Usage: python benchmarks/moe_layer.py [--repeats 5] [--shapes S32 B16] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from vmoe_torch import MoeMlp
+
+SHAPES = {  # name: (group_size, groups, D, H)
+    "S32": (400, 4, 512, 2048),
+    "B16": (1576, 4, 768, 3072),
+}
+
+
+def timed(fns: dict, repeats: int) -> dict:
+    """Median seconds per function. The functions are interleaved within each
+    repeat so that clock and cache drift hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench(shape: str, experts: int, k: int, repeats: int) -> dict:
+    group_size, groups, dim, hidden = SHAPES[shape]
+    torch.manual_seed(0)
+    layer = MoeMlp(dim, hidden, experts, num_selected_experts=k, capacity_factor=1.05,
+                   group_size=group_size).train()
+    x = torch.randn(groups, group_size, dim, requires_grad=True)
+    capacity = layer.capacity_for(group_size)
+    buf = torch.randn(experts, groups * capacity, dim, requires_grad=True)
+
+    def run_moe():
+        y, m = layer(x)
+        (y.square().mean() + m["auxiliary_loss"]).backward()
+
+    def run_experts():
+        layer.experts(buf).square().mean().backward()
+
+    def run_einsum():
+        layer.dispatch_impl = "einsum"
+        try:
+            run_moe()
+        finally:
+            layer.dispatch_impl = "index"
+
+    t = timed({"moe": run_moe, "experts": run_experts, "einsum": run_einsum}, repeats)
+    t_moe, t_exp, t_ein = t["moe"], t["experts"], t["einsum"]
+    return dict(shape=shape, E=experts, K=k, C=capacity, moe_ms=t_moe * 1e3, experts_ms=t_exp * 1e3,
+                einsum_ms=t_ein * 1e3, moe_over_experts=t_moe / t_exp, einsum_over_moe=t_ein / t_moe)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--experts", nargs="+", type=int, default=[8, 32])
+    ap.add_argument("--k", nargs="+", type=int, default=[1, 2])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32, median of {args.repeats}")
+    print("| shape | E | K | C | MoE layer (ms) | expert MLP alone (ms) | einsum MoE (ms) "
+          "| MoE / experts | einsum / MoE |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        for e in args.experts:
+            for k in args.k:
+                r = bench(shape, e, k, args.repeats)
+                print(f"| {r['shape']} | {e} | {k} | {r['C']} | {r['moe_ms']:.1f} | {r['experts_ms']:.1f} "
+                      f"| {r['einsum_ms']:.1f} | {r['moe_over_experts']:.3f} | {r['einsum_over_moe']:.2f} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

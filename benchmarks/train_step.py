@@ -1,0 +1,76 @@
+"""Training throughput (images/s) on the CPU, measured in one run:
+
+1. the tiny demo V-MoE against the dense ViT of the same backbone (ratio);
+2. V-MoE-S/32 ("ViT-S/32, E=8, K=2, Last 2", 224 px, batch 32) against the
+   dense ViT-S/32, in fp32 and with bf16 autocast.
+
+Each figure is the median over timed steps (forward, backward, AdamW
+update) after warm-up steps.
+
+Usage: python benchmarks/train_step.py [--threads 2] [--steps 5] [--skip-s32]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vmoe_torch import create_model
+
+
+def images_per_s(name: str, batch: int, image: int, bf16: bool, steps: int, warmup: int, **kw) -> float:
+    torch.manual_seed(0)
+    model = create_model(name, image_size=image, **kw).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, image, image)
+    y = torch.randint(0, model.config.num_classes, (batch,))
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, metrics = model(x, return_metrics=True)
+        loss = F.cross_entropy(logits.float(), y) + metrics["auxiliary_loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return batch / statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--skip-s32", action="store_true")
+    ap.add_argument("--skip-bf16", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps")
+    print("| model | batch | px | precision | images/s | ratio to dense |")
+    print("|---|---|---|---|---|---|")
+    demo_kw = dict(patch_size=8, group_size=8 * 37)
+    for bf16 in ([False] if args.skip_bf16 else [False, True]):
+        prec = "bf16 autocast" if bf16 else "fp32"
+        dense = images_per_s("vit_mi4", 64, 48, bf16, args.steps, args.warmup, patch_size=8)
+        moe = images_per_s("vmoe_mi4_every1", 64, 48, bf16, args.steps, args.warmup, **demo_kw)
+        print(f"| demo dense ViT-Mi/8 | 64 | 48 | {prec} | {dense:.1f} | 1.00 |", flush=True)
+        print(f"| demo V-MoE-Mi/8 Every 1, E=8 K=2 | 64 | 48 | {prec} | {moe:.1f} | {moe / dense:.2f} |",
+              flush=True)
+    if args.skip_s32:
+        return
+    for bf16 in ([False] if args.skip_bf16 else [False, True]):
+        prec = "bf16 autocast" if bf16 else "fp32"
+        dense = images_per_s("vit_s32", 32, 224, bf16, args.steps, args.warmup)
+        moe = images_per_s("vmoe_s32_last2", 32, 224, bf16, args.steps, args.warmup)
+        print(f"| ViT-S/32 (dense) | 32 | 224 | {prec} | {dense:.1f} | 1.00 |", flush=True)
+        print(f"| V-MoE-S/32, E=8, K=2, Last 2 | 32 | 224 | {prec} | {moe:.1f} | {moe / dense:.2f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""matplotlib figures of the routing analysis (Agg backend, PNG files)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_capacity_sweep(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
+    """Accuracy and processed-token fraction against the capacity factor."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    keys = sorted({(r["num_selected_experts"], r["batch_priority"]) for r in rows}, reverse=True)
+    for k, bpr in keys:
+        sel = sorted((r for r in rows if r["num_selected_experts"] == k and r["batch_priority"] == bpr),
+                     key=lambda r: r["capacity_factor"])
+        cf = [r["capacity_factor"] for r in sel]
+        style = dict(marker="o" if bpr else "s", linestyle="-" if bpr else "--",
+                     label=f"K={k}, {'BPR' if bpr else 'vanilla'}")
+        ax1.plot(cf, [r["test_accuracy"] for r in sel], **style)
+        ax2.plot(cf, [r["processed_fraction"] for r in sel], **style)
+    for ax, ylabel in ((ax1, "test accuracy (fraction)"),
+                       (ax2, "tokens processed by >= 1 expert (fraction)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("capacity factor C (log scale)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax1.set_title(title or "Accuracy vs capacity: BPR vs vanilla")
+    ax2.set_title("Processed tokens vs capacity (mean over MoE layers)")
+    _save(fig, path)
+
+
+def plot_heatmaps(shares: dict[str, np.ndarray], nmi: dict[str, float], path: str) -> None:
+    """One (class x expert) heatmap per MoE layer; rows sum to 1."""
+    n = len(shares)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (layer, share) in zip(axes.flat, shares.items()):
+        im = ax.imshow(share, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"{layer}  (NMI {nmi[layer]:.3f})", fontsize=9)
+        ax.set_xlabel("expert (top-1 choice)")
+        ax.set_ylabel("class")
+        ax.set_xticks(range(share.shape[1]))
+        ax.set_yticks(range(share.shape[0]))
+        fig.colorbar(im, ax=ax, label="share of the class's tokens")
+    _save(fig, path)
+
+
+def plot_token_maps(images: np.ndarray, maps: dict[str, dict[str, np.ndarray]], path: str,
+                    capacity_factor: float) -> None:
+    """For each image (rows) and MoE layer: processed patches under vanilla
+    and BPR, the BPR priority (top gate) and the top-1 expert of each patch."""
+    layers = list(maps)
+    n_img = images.shape[0]
+    cols = 1 + 4 * len(layers)
+    fig, axes = plt.subplots(n_img, cols, figsize=(1.6 * cols, 1.7 * n_img + 0.6), squeeze=False)
+    for i in range(n_img):
+        axes[i, 0].imshow(images[i], cmap="gray")
+        axes[i, 0].set_title(f"image {i}", fontsize=7)
+        for j, layer in enumerate(layers):
+            m = maps[layer]
+            panels = [("vanilla kept", m["vanilla"][i], "Greens", (0, 1)),
+                      ("BPR kept", m["bpr"][i], "Greens", (0, 1)),
+                      ("priority", m["priority"][i], "magma", (0, None)),
+                      ("expert", m["expert"][i], "tab10", (0, 9))]
+            for c, (name, grid, cmap, (lo, hi)) in enumerate(panels):
+                ax = axes[i, 1 + 4 * j + c]
+                ax.imshow(images[i], cmap="gray", extent=(0, grid.shape[1], grid.shape[0], 0))
+                ax.imshow(grid, cmap=cmap, alpha=0.6, vmin=lo, vmax=hi,
+                          extent=(0, grid.shape[1], grid.shape[0], 0), interpolation="nearest")
+                if i == 0:
+                    ax.set_title(f"{layer.replace('encoderblock_', 'L')} {name}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"Token maps at C={capacity_factor}: green = patch processed by >= 1 expert; "
+                 "priority = top gate; expert = top-1 expert id", fontsize=9)
+    _save(fig, path)
+
+
+def plot_expert_load(load: dict[str, np.ndarray], dropped: dict[float, dict[str, float]], path: str) -> None:
+    """Left: share of assignments per expert before the capacity cut.
+    Right: dropped token fraction per layer against C (vanilla, trained K)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    layers = list(load)
+    width = 0.8 / max(1, len(layers))
+    for i, layer in enumerate(layers):
+        e = np.arange(len(load[layer]))
+        ax1.bar(e + i * width, load[layer], width=width, label=layer)
+    ax1.axhline(1.0 / len(next(iter(load.values()))), color="k", linestyle=":", label="uniform 1/E")
+    ax1.set_xlabel("expert")
+    ax1.set_ylabel("share of (token, choice) assignments")
+    ax1.set_title("Expert load before the capacity cut")
+    ax1.legend(fontsize=7)
+    cfs = sorted(dropped)
+    for layer in layers:
+        ax2.plot(cfs, [dropped[c].get(layer, np.nan) for c in cfs], marker="o", label=layer)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("capacity factor C (log scale)")
+    ax2.set_ylabel("tokens with no expert (fraction)")
+    ax2.set_title("Dropped tokens per layer (vanilla, trained K)")
+    ax2.legend(fontsize=7)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_reliance(ablation: dict[str, float], position: dict[str, list[float]],
+                  gates: dict[str, float], num_experts: int, path: str) -> None:
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4.2))
+    names = list(ablation)
+    ax1.bar(names, [ablation[n] for n in names], color=["tab:blue", "tab:red"][: len(names)])
+    ax1.set_ylabel("test accuracy (fraction)")
+    ax1.set_title("Full capacity vs all MoE outputs zeroed")
+    for label, accs in position.items():
+        ax2.plot(range(len(accs)), accs, marker="o", label=label)
+    ax2.set_xlabel("image position inside its routing group")
+    ax2.set_ylabel("test accuracy (fraction)")
+    ax2.set_title("Accuracy by position in the group")
+    ax2.legend(fontsize=8)
+    layers = list(gates)
+    ax3.bar([l.replace("encoderblock_", "L") for l in layers], [gates[l] for l in layers])
+    ax3.axhline(1.0 / num_experts, color="k", linestyle=":", label=f"uniform 1/E = {1 / num_experts:.3f}")
+    ax3.set_xlabel("MoE layer")
+    ax3.set_ylabel("mean top-1 gate")
+    ax3.set_title("Router confidence")
+    ax3.legend(fontsize=8)
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3)
+    _save(fig, path)

@@ -1,0 +1,214 @@
+"""`analyze(model, test_ds, out_dir)`: the routing-analysis report.
+
+Writes out_dir/analysis.json, CSV tables, PNG figures and report.md:
+1. accuracy vs capacity (vanilla vs BPR, trained K and K=1) with the
+   fraction of tokens processed per layer;
+2. expert-vs-class heatmaps per layer and their normalised mutual information;
+3. token maps (processed patches at low C under vanilla and BPR, priority,
+   expert ids) for a few test images;
+4. expert load before the capacity cut, dropped fraction per layer and C;
+5. reliance on the experts: all MoE outputs zeroed, accuracy by position in
+   the routing group under vanilla routing at low C, mean top gate vs 1/E.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..data.pipeline import eval_batches, to_model_range
+from ..evaluate.classification import routing_grid
+from . import plots
+from .stats import (accuracy_by_group_position, class_expert_counts, expert_load, flatten_runs,
+                    normalized_mutual_information, processed_mask, row_shares)
+
+CAPACITY_FACTORS = (0.125, 0.25, 0.5, 0.75, 1.0, 1.05, 1.5, 2.0)
+
+
+class _Recorder:
+    """Turns on routing recording in every MoE layer for a `with` block."""
+
+    def __init__(self, model) -> None:
+        self.layers = model.moe_layers()
+
+    def __enter__(self) -> dict[str, list]:
+        for layer in self.layers.values():
+            layer.recorded = []
+        return {name: layer.recorded for name, layer in self.layers.items()}
+
+    def __exit__(self, *exc) -> None:
+        for layer in self.layers.values():
+            layer.recorded = None
+
+
+@torch.no_grad()
+def _pass(model, ds, batch_size: int, record: bool = False):
+    """Predictions, labels and (optionally) recorded routing over `ds`."""
+    model.eval()
+    device = next(model.parameters()).device
+    preds, labels = [], []
+    with _Recorder(model) if record else _NullCtx() as rec:
+        for images, y in eval_batches(ds, batch_size):
+            preds.append(model(to_model_range(images.to(device))).argmax(-1).cpu())
+            labels.append(y)
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy(), rec
+
+
+class _NullCtx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()})
+
+
+def analyze(model, test_ds, out_dir: str, eval_batch_size: int = 128,
+            capacity_factors: Sequence[float] = CAPACITY_FACTORS, low_capacity: float = 0.5,
+            num_map_images: int = 4, sweep_rows: Optional[list[dict]] = None) -> dict[str, Any]:
+    layers = model.moe_layers()
+    if not layers:
+        raise ValueError("The analysis needs a model with MoE layers.")
+    os.makedirs(out_dir, exist_ok=True)
+    first = next(iter(layers.values()))
+    num_experts, trained_k = first.num_experts, first.routing.num_selected_experts
+    group_size = first.group_size
+    tokens_per_image = model.config.tokens_per_image
+    prefix = model.num_prefix_tokens
+    grid_h, grid_w = model.pos_grid
+    num_classes = test_ds.num_classes
+    result: dict[str, Any] = {"eval_batch_size": eval_batch_size, "num_test_images": len(test_ds),
+                              "num_experts": num_experts, "trained_k": trained_k, "group_size": group_size}
+
+    # 1. Capacity sweep.
+    if sweep_rows is None:
+        sweep_rows = routing_grid(model, lambda: eval_batches(test_ds, eval_batch_size), capacity_factors,
+                                  sorted({trained_k, 1}, reverse=True), (False, True))
+    result["capacity_sweep"] = sweep_rows
+    _write_csv(os.path.join(out_dir, "capacity_sweep.csv"), sweep_rows)
+    plots.plot_capacity_sweep(sweep_rows, os.path.join(out_dir, "capacity_sweep.png"))
+
+    # 2. Specialisation at full capacity (every token keeps its experts).
+    full_cf = float(max(max(capacity_factors), 4.0))
+    with model.routing(capacity_factor=full_cf):
+        preds, labels, rec = _pass(model, test_ds, eval_batch_size, record=True)
+    token_class = np.repeat(labels, tokens_per_image)
+    shares, nmi, load, gate_mean = {}, {}, {}, {}
+    for name, runs in rec.items():
+        flat = flatten_runs(runs)
+        top1 = flat["expert"][:, 0].numpy()
+        counts = class_expert_counts(top1, token_class, num_classes, num_experts)
+        shares[name] = row_shares(counts)
+        nmi[name] = normalized_mutual_information(counts)
+        load[name] = expert_load(flat["expert"], num_experts)
+        gate_mean[name] = float(flat["gates"][:, 0].mean())
+    result["full_capacity_accuracy"] = float((preds == labels).mean())
+    result["specialisation"] = [{"layer": int(n.split("_")[-1]), "name": n, "value": nmi[n]} for n in layers]
+    result["heatmaps"] = {n: s.tolist() for n, s in shares.items()}
+    _write_csv(os.path.join(out_dir, "specialisation.csv"), result["specialisation"])
+    plots.plot_heatmaps(shares, nmi, os.path.join(out_dir, "expert_class_heatmaps.png"))
+
+    # 3. Token maps at low capacity (vanilla vs BPR) on the first eval batch.
+    images, _ = next(iter(eval_batches(test_ds, eval_batch_size)))
+    per_group = max(1, group_size // tokens_per_image)
+    picks = np.linspace(0, min(per_group, len(images)) - 1, num_map_images).round().astype(int)
+    maps: dict[str, dict[str, np.ndarray]] = {n: {} for n in layers}
+    for bpr in (False, True):
+        with model.routing(num_selected_experts=trained_k, capacity_factor=low_capacity, batch_priority=bpr):
+            with _Recorder(model) as rec, torch.no_grad():
+                model(to_model_range(images.to(next(model.parameters()).device)))
+        for name, runs in rec.items():
+            flat = flatten_runs(runs)
+            per_img = lambda t: t.reshape(len(images), tokens_per_image, *t.shape[1:])[picks, prefix:]
+            maps[name]["bpr" if bpr else "vanilla"] = per_img(processed_mask(flat["kept"])).reshape(
+                -1, grid_h, grid_w).float().numpy()
+            if bpr:
+                maps[name]["priority"] = per_img(flat["gates"][:, 0]).reshape(-1, grid_h, grid_w).numpy()
+                maps[name]["expert"] = per_img(flat["expert"][:, 0]).reshape(-1, grid_h, grid_w).numpy()
+    shown = images[picks, 0].float().numpy() / 255.0
+    plots.plot_token_maps(shown, maps, os.path.join(out_dir, "token_maps.png"), low_capacity)
+    result["token_maps"] = {"images": picks.tolist(), "capacity_factor": low_capacity,
+                            "processed_fraction": {n: {k: float(maps[n][k].mean()) for k in ("vanilla", "bpr")}
+                                                   for n in layers}}
+
+    # 4. Expert load and dropped fraction per layer and C.
+    dropped = {}
+    for r in sweep_rows:
+        if r["num_selected_experts"] == trained_k and not r["batch_priority"]:
+            dropped[r["capacity_factor"]] = {n: 1.0 - v for n, v in r["processed_fraction_per_layer"].items()}
+    result["expert_load"] = {n: v.tolist() for n, v in load.items()}
+    result["dropped_fraction"] = {str(c): v for c, v in sorted(dropped.items())}
+    plots.plot_expert_load(load, dropped, os.path.join(out_dir, "expert_load.png"))
+
+    # 5. Reliance on the experts.
+    with model.routing(ablate=True):
+        p_abl, _, _ = _pass(model, test_ds, eval_batch_size)
+    ablation = {"full capacity": result["full_capacity_accuracy"],
+                "MoE outputs zeroed": float((p_abl == labels).mean())}
+    position = {}
+    for cf in sorted({low_capacity, 0.25}):
+        for bpr in (False, True):
+            with model.routing(num_selected_experts=trained_k, capacity_factor=cf, batch_priority=bpr):
+                p, _, _ = _pass(model, test_ds, eval_batch_size)
+            position[f"C={cf} {'BPR' if bpr else 'vanilla'}"] = accuracy_by_group_position(
+                p == labels, tokens_per_image, group_size)
+    result["ablation"] = ablation
+    result["accuracy_by_group_position"] = position
+    result["gate_stats"] = [{"layer": n, "mean_top_gate": gate_mean[n], "uniform": 1.0 / num_experts}
+                            for n in layers]
+    plots.plot_reliance(ablation, position, gate_mean, num_experts, os.path.join(out_dir, "reliance.png"))
+
+    with open(os.path.join(out_dir, "analysis.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    _write_report(result, out_dir)
+    return result
+
+
+def _acc(rows, cf, k, bpr):
+    for r in rows:
+        if r["capacity_factor"] == cf and r["num_selected_experts"] == k and r["batch_priority"] == bpr:
+            return r["test_accuracy"]
+    return float("nan")
+
+
+def _write_report(res: dict[str, Any], out_dir: str) -> None:
+    k = res["trained_k"]
+    cfs = sorted({r["capacity_factor"] for r in res["capacity_sweep"]})
+    ks = sorted({r["num_selected_experts"] for r in res["capacity_sweep"]}, reverse=True)
+    lines = ["# Routing analysis", "",
+             f"{res['num_test_images']} test images, evaluation batch size {res['eval_batch_size']}, "
+             f"E={res['num_experts']}, trained K={k}, routing groups of {res['group_size']} tokens.", "",
+             "## 1. Accuracy vs capacity", "", "![capacity sweep](capacity_sweep.png)", "",
+             "| C | " + " | ".join(f"K={kk} vanilla | K={kk} BPR" for kk in ks) + " |",
+             "|---|" + "---|" * (2 * len(ks))]
+    for cf in cfs:
+        cells = [f"{_acc(res['capacity_sweep'], cf, kk, b):.4f}" for kk in ks for b in (False, True)]
+        lines.append(f"| {cf} | " + " | ".join(cells) + " |")
+    lines += ["", "## 2. Expert vs class", "", "![heatmaps](expert_class_heatmaps.png)", "",
+              "| layer | normalised mutual information (class; top-1 expert) |", "|---|---|"]
+    lines += [f"| {s['name']} | {s['value']:.4f} |" for s in res["specialisation"]]
+    lines += ["", "## 3. Token maps", "", "![token maps](token_maps.png)", "",
+              "## 4. Expert load", "", "![expert load](expert_load.png)", "",
+              "## 5. Reliance on the experts", "", "![reliance](reliance.png)", "",
+              "| setting | test accuracy |", "|---|---|"]
+    lines += [f"| {n} | {v:.4f} |" for n, v in res["ablation"].items()]
+    lines += ["", "| layer | mean top gate | uniform 1/E |", "|---|---|---|"]
+    lines += [f"| {g['layer']} | {g['mean_top_gate']:.3f} | {g['uniform']:.3f} |" for g in res["gate_stats"]]
+    lines += ["", "Accuracy by image position inside the routing group:", ""]
+    for name, accs in res["accuracy_by_group_position"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{a:.3f}" for a in accs))
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")

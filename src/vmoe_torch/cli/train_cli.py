@@ -1,0 +1,172 @@
+"""`vmoe train | finetune | eval | fewshot | demo | analyze`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+_CONFIG_HELP = "YAML experiment config (see configs/); omit for the defaults"
+_SET_HELP = "dotted override, repeatable: --set optim.lr=1e-3 --set model.overrides.num_experts=4"
+
+
+def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    if config_required:
+        p.add_argument("config", help=_CONFIG_HELP)
+    else:
+        p.add_argument("config", nargs="?", default=None, help=_CONFIG_HELP)
+    p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics.jsonl, tb/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=_SET_HELP)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a config (resumes automatically)",
+                       description="Trains the config's model on its data. If --workdir already holds "
+                                   "a checkpoint of the same config, training resumes from it. "
+                                   "SIGTERM/SIGINT write a checkpoint and exit cleanly.")
+    _common(p)
+    p.add_argument("--force", action="store_true",
+                   help="start over in a work dir that holds a checkpoint of a different config")
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("finetune", help="fine-tune from a checkpoint (new head, new resolution, freezing)",
+                       description="Like train, with finetune.init set to INIT: a training work dir "
+                                   "or a from_pretrained directory (e.g. a converted release).")
+    _common(p)
+    p.add_argument("--init", required=True, help="work dir or from_pretrained dir to start from")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=run_finetune)
+
+    p = sub.add_parser("eval", help="evaluate a model, optionally over a routing grid",
+                       description="Top-1/top-5 accuracy of CHECKPOINT (work dir or from_pretrained dir) "
+                                   "on the config's test data, at eval.capacity_factor, and with --grid "
+                                   "at every (capacity factor, K, vanilla/BPR) setting of the eval section.")
+    p.add_argument("checkpoint")
+    p.add_argument("config", nargs="?", default=None, help=_CONFIG_HELP)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--grid", action="store_true", help="also sweep the routing grid")
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("fewshot", help="few-shot linear evaluation on frozen features")
+    p.add_argument("checkpoint")
+    p.add_argument("config", nargs="?", default=None, help=_CONFIG_HELP)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    p.set_defaults(func=run_fewshot)
+
+    p = sub.add_parser("analyze", help="routing analysis report (BPR vs vanilla, specialisation, token maps)",
+                       description="Writes OUT/report.md, analysis.json, CSVs and PNG figures for CHECKPOINT "
+                                   "(a training work dir or a from_pretrained dir).")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True,
+                   help="a YAML experiment config (its data section is used) or a data.name such as 'digits'")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, e.g. --set data.path=/data/cifar10")
+    p.add_argument("--images", type=int, default=4, help="images in the token-map figure")
+    p.set_defaults(func=run_analyze)
+
+    p = sub.add_parser("demo", help="the bundled end-to-end demo (make demo)",
+                       description="Trains a tiny V-MoE and the dense ViT of the same backbone on the "
+                                   "bundled cluttered digits, evaluates both (and the V-MoE over a "
+                                   "routing grid), few-shot evaluates both, writes results.json, plots "
+                                   "and the routing analysis report.")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a much shorter run, for a smoke test")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to both models' configs")
+    p.set_defaults(func=run_demo)
+
+
+def _load(args: argparse.Namespace, extra: list[str] = ()):
+    from ..config import load_config
+    if args.config is not None and not os.path.exists(args.config):
+        raise FileNotFoundError(f"Config file {args.config!r} not found.")
+    return load_config(args.config, list(extra) + list(args.overrides))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..train.trainer import Trainer
+    summary = Trainer(_load(args), args.workdir, force=args.force).fit()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from ..train.trainer import Trainer
+    cfg = _load(args, [f"finetune.init={args.init}"])
+    summary = Trainer(cfg, args.workdir, force=args.force).fit()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..data.pipeline import build_datasets, eval_batches
+    from ..evaluate.classification import evaluate_classification, format_grid, routing_grid
+    from ..train.trainer import load_model
+    cfg = _load(args)
+    model = load_model(args.checkpoint)
+    _, test = build_datasets(cfg.data)
+    loader = lambda: eval_batches(test, cfg.data.eval_batch_size)
+    result = {"eval_batch_size": cfg.data.eval_batch_size}
+    if cfg.eval.capacity_factor is not None and model.moe_layers():
+        with model.routing(capacity_factor=cfg.eval.capacity_factor):
+            result["test"] = evaluate_classification(model, loader())
+    else:
+        result["test"] = evaluate_classification(model, loader())
+    print(f"top-1 {result['test']['top1']:.4f}  top-5 {result['test']['top5']:.4f}")
+    if args.grid:
+        rows = routing_grid(model, loader, cfg.eval.grid_capacity_factors,
+                            cfg.eval.grid_num_selected_experts or None, cfg.eval.grid_batch_priority)
+        result["capacity_sweep"] = rows
+        print(format_grid(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def run_fewshot(args: argparse.Namespace) -> int:
+    from ..data.pipeline import build_datasets, eval_batches
+    from ..evaluate.fewshot import extract_features, fewshot_evaluate
+    from ..train.trainer import load_model
+    cfg = _load(args)
+    model = load_model(args.checkpoint)
+    train, test = build_datasets(cfg.data)
+    train.transform = None  # frozen features of the un-augmented images
+    trx, try_ = extract_features(model, eval_batches(train, cfg.data.eval_batch_size))
+    tex, tey = extract_features(model, eval_batches(test, cfg.data.eval_batch_size))
+    res = fewshot_evaluate(trx, try_, tex, tey, cfg.fewshot.shots, cfg.fewshot.seeds, cfg.fewshot.l2_grid)
+    for shots, r in res.items():
+        print(f"{shots:>3}-shot: {r['mean']:.4f} ± {r['std']:.4f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    from ..analysis.report import analyze
+    from ..config import load_config
+    from ..data.pipeline import build_datasets
+    from ..train.trainer import load_model
+    if args.data.endswith((".yaml", ".yml")):
+        cfg = load_config(args.data, args.overrides)
+    else:
+        cfg = load_config(None, [f"data.name={args.data}"] + args.overrides)
+    model = load_model(args.checkpoint)
+    if tuple(model.config.image_size) != (cfg.data.image_size,) * 2:
+        cfg.data.image_size = model.config.image_size[0]
+    _, test = build_datasets(cfg.data)
+    res = analyze(model, test, args.out, cfg.data.eval_batch_size, num_map_images=args.images)
+    print(f"report: {os.path.join(args.out, 'report.md')}")
+    for s in res["specialisation"]:
+        print(f"  {s['name']}: class/expert NMI {s['value']:.3f}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo as demo
+    demo(args.workdir, quick=args.quick, overrides=args.overrides)
+    return 0

@@ -1,0 +1,191 @@
+"""The experiment schema. Each section belongs to one module and rejects
+unknown keys; `load_config(path, overrides)` reads YAML and applies
+`--set a.b=value` overrides (values parsed as YAML scalars)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from ..utils.typed_config import from_dict, to_dict
+
+
+@dataclass
+class ModelSection:
+    """`name`: a preset (see `vmoe models`) or a paper description;
+    `overrides`: create_model keyword overrides (num_classes, num_experts,
+    group_size, capacity_factor, batch_priority, ...)."""
+
+    name: str = "vmoe_mi4_every1"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """`name`: "digits" (bundled cluttered digits), "imagefolder", "cifar10",
+    "cifar100" or "hf" (Hugging Face datasets from local disk).
+    `path`: the dataset directory (not used by "digits")."""
+
+    name: str = "digits"
+    path: Optional[str] = None
+    image_size: int = 32
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    randaugment: Optional[tuple[int, int]] = None     # (num_ops, magnitude)
+    mixup_alpha: float = 0.0
+    hflip: bool = False
+    seed: int = 0
+    # digits only: renders per training / test source digit and canvas options.
+    train_renders: int = 6
+    test_renders: int = 5
+    clutter: int = 3
+    test_fraction: float = 0.3
+    # hf only: split names and column names.
+    train_split: str = "train"
+    test_split: str = "test"
+    image_key: str = "image"
+    label_key: str = "label"
+
+
+@dataclass
+class OptimConfig:
+    """Adam/AdamW (decoupled weight decay on kernels only) or SGD+momentum."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    momentum: float = 0.9
+    weight_decay: float = 0.1
+    grad_clip_norm: Optional[float] = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up, then linear decay to `end_lr` or cosine."""
+
+    name: Literal["warmup_linear_decay", "warmup_cosine_decay", "constant"] = "warmup_linear_decay"
+    warmup_steps: int = 100
+    end_lr: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    loss: Literal["softmax_xent", "sigmoid_xent"] = "softmax_xent"
+    grad_accum: int = 1
+    bf16: bool = False
+    seed: int = 0
+    threads: Optional[int] = None
+    device: str = "auto"          # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation capacity (the reference evaluates at 4.0) and the routing grid."""
+
+    capacity_factor: Optional[float] = 4.0
+    grid_capacity_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    grid_num_selected_experts: tuple[int, ...] = ()      # empty: trained K and 1
+    grid_batch_priority: tuple[bool, ...] = (False, True)
+
+
+@dataclass
+class FewshotConfig:
+    shots: tuple[int, ...] = (1, 5, 10, 25)
+    seeds: int = 3
+    l2_grid: tuple[float, ...] = (2.0 ** -10, 2.0 ** -6, 2.0 ** -2, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
+
+
+@dataclass
+class FinetuneConfig:
+    """Start from a checkpoint: a training work dir or a from_pretrained dir."""
+
+    init: Optional[str] = None
+    new_head: bool = True
+    keep_representation: bool = True
+    freeze: tuple[str, ...] = ()         # parameter-name prefixes to freeze
+
+
+@dataclass
+class ExperimentConfig:
+    description: str = ""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"Override {key!r}: {p!r} is not a section.")
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ["optim.lr=1e-3", "model.overrides.num_experts=4"]."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"Override {item!r} must look like section.key=value.")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """Reads a YAML config (or the defaults) and applies dotted overrides.
+    Unknown keys anywhere raise ValueError naming them."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path!r} must hold a YAML mapping.")
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(ExperimentConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Checks that need no data; raises ValueError naming the problem."""
+    if cfg.train.steps < 1:
+        raise ValueError(f"train.steps must be >= 1, got {cfg.train.steps}.")
+    if cfg.train.grad_accum < 1:
+        raise ValueError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}.")
+    if cfg.data.batch_size < 1 or cfg.data.batch_size % cfg.train.grad_accum:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be a positive multiple of "
+                         f"train.grad_accum={cfg.train.grad_accum}.")
+    if cfg.optim.lr <= 0:
+        raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}.")
+    if cfg.schedule.warmup_steps < 0:
+        raise ValueError("schedule.warmup_steps must be >= 0.")
+    if cfg.data.name not in ("digits", "imagefolder", "cifar10", "cifar100", "hf"):
+        raise ValueError(f"Unknown data.name {cfg.data.name!r}: use digits, imagefolder, cifar10, "
+                         "cifar100 or hf.")
+    if cfg.data.name != "digits" and not cfg.data.path:
+        raise ValueError(f"data.path is required for data.name={cfg.data.name!r}.")
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return to_dict(cfg)
+
+
+def replace(cfg: ExperimentConfig, **sections: Any) -> ExperimentConfig:
+    return dataclasses.replace(cfg, **sections)

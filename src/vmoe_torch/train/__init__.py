@@ -1,0 +1,1 @@
+"""Training: optimisers and schedules, losses, train-state checkpoints, the loop."""

@@ -1,0 +1,117 @@
+"""Train-state checkpoints: model, optimiser, step, RNG states and data
+position, without pickle (safetensors for tensors, JSON for the rest).
+
+Layout: WORKDIR/checkpoints/step_00000123/{model.safetensors,
+optimizer.safetensors, state.json}. Each checkpoint is written to a
+temporary directory and renamed into place, so a kill at any moment leaves
+either the old set or the new one; the last `keep` are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+def list_checkpoints(workdir: str) -> list[tuple[int, str]]:
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for d in os.listdir(root):
+        m = _NAME.match(d)
+        if m and os.path.exists(os.path.join(root, d, "state.json")):
+            found.append((int(m.group(1)), os.path.join(root, d)))
+    return sorted(found)
+
+
+def latest_checkpoint(workdir: str) -> Optional[str]:
+    found = list_checkpoints(workdir)
+    return found[-1][1] if found else None
+
+
+def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            name = f"{idx}.{key}"
+            if torch.is_tensor(value):
+                tensors[name] = value.detach().contiguous().cpu()
+            else:
+                scalars[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def save_checkpoint(workdir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: dict[str, Any], keep: int = 2) -> str:
+    """Writes checkpoint `step` atomically and prunes old ones; returns its path."""
+    root = Path(workdir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        opt_tensors["__torch_rng_state__"] = torch.get_rng_state()
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        state = {"step": step, "optimizer": opt_meta, "rng": rng_state(), **extra}
+        with open(tmp / "state.json", "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, path in list_checkpoints(workdir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    return str(final)
+
+
+def load_checkpoint(path: str, model: torch.nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
+    """Restores model (and optimiser, RNG) from `path`; returns state.json."""
+    from ..convert.pretrained import load_state_strict
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    load_state_strict(model, load_file(os.path.join(path, "model.safetensors")))
+    if optimizer is not None:
+        tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+        torch.set_rng_state(tensors.pop("__torch_rng_state__"))
+        optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
+        version, internal, gauss = state["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        np_state = state["rng"]["numpy"]
+        np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    return state

@@ -1,0 +1,281 @@
+"""The training loop: pre-training and fine-tuning from one typed config.
+
+Determinism: the batch of step s and every random draw inside step s
+(augmentation, mixup, router noise, dropout) are functions of (seed, s)
+alone, so a run resumed from a checkpoint reproduces the per-step losses
+of an uninterrupted run (CPU, fixed threads).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from ..config.schema import ExperimentConfig, config_to_dict
+from ..convert.pretrained import save_pretrained
+from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model_range
+from ..evaluate.classification import evaluate_classification
+from ..models.registry import create_model
+from ..models.vit_moe import VisionTransformerMoe
+from ..utils.typed_config import to_dict
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .logger import MetricsLogger
+from .losses import LOSSES
+from .optim import build_optimizer, clip_grad_norm, learning_rate
+
+# Config parts that define a run; changing any of them in a work dir that
+# holds a checkpoint needs --force. (train.steps may grow: that extends a run.)
+_IDENTITY = ("model", "data", "optim", "schedule", "finetune")
+_IDENTITY_TRAIN = ("loss", "grad_accum", "bf16", "seed")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available; use 'cpu' or 'auto'.")
+    return device
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) * 7 + 3
+
+
+def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    d = config_to_dict(cfg)
+    ident = {k: d[k] for k in _IDENTITY}
+    ident["train"] = {k: d["train"][k] for k in _IDENTITY_TRAIN}
+    return ident
+
+
+def load_model(path: str) -> VisionTransformerMoe:
+    """A training work dir (its latest checkpoint) or a from_pretrained dir."""
+    from ..convert.pretrained import from_pretrained
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"Work dir {path!r} holds no checkpoint yet.")
+        return from_pretrained(ckpt)
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return from_pretrained(path)
+    raise FileNotFoundError(f"{path!r} is neither a training work dir nor a from_pretrained directory.")
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int) -> VisionTransformerMoe:
+    """A fresh model, or the fine-tuning initialisation when finetune.init is set."""
+    size = cfg.data.image_size
+    if cfg.finetune.init is None:
+        kw = {"num_classes": num_classes, "image_size": size, **cfg.model.overrides}
+        return create_model(cfg.model.name, **kw)
+    model = load_model(cfg.finetune.init).train()
+    if tuple(model.config.image_size) != (size, size):
+        model.resize_pos_embed((size, size))
+    if cfg.finetune.new_head:
+        head_bias = cfg.model.overrides.get("head_bias_init", 0.0)
+        model.reset_classifier(num_classes, head_bias, cfg.finetune.keep_representation)
+    elif model.config.num_classes != num_classes:
+        raise ValueError(f"The initial model has {model.config.num_classes} classes, the data "
+                         f"{num_classes}; set finetune.new_head=true.")
+    routing_keys = {k: v for k, v in cfg.model.overrides.items() if k != "head_bias_init"}
+    if routing_keys:
+        model.set_routing(**routing_keys)
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in cfg.finetune.freeze):
+            p.requires_grad_(False)
+    return model
+
+
+class Trainer:
+    """`Trainer(cfg, workdir).fit()` trains, checkpoints, resumes and logs."""
+
+    def __init__(self, cfg: ExperimentConfig, workdir: str, force: bool = False) -> None:
+        self.cfg, self.workdir, self.force = cfg, workdir, force
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        # Everything that can fail on bad config or data fails here, before any work.
+        self.device = resolve_device(cfg.train.device)
+        self.train_ds, self.test_ds = build_datasets(cfg.data)
+        self.model = build_model(cfg, self.train_ds.num_classes).to(self.device)
+        self._check_image_size()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.loss_fn = LOSSES[cfg.train.loss]
+        self._stop_signal: Optional[int] = None
+
+    def _check_image_size(self) -> None:
+        image, _ = self.train_ds[0]
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(to_model_range(torch.as_tensor(image)[None]).to(self.device))
+        except ValueError as e:
+            raise ValueError(f"The model cannot take this data's images: {e}") from e
+        finally:
+            self.model.train()
+
+    # ------------------------------------------------------------ workdir
+    def _prepare_workdir(self) -> int:
+        os.makedirs(self.workdir, exist_ok=True)
+        ident_path = os.path.join(self.workdir, "run_identity.json")
+        ident = run_identity(self.cfg)
+        ckpt = latest_checkpoint(self.workdir)
+        if ckpt is not None and os.path.exists(ident_path):
+            with open(ident_path) as f:
+                old = json.load(f)
+            if old != ident and not self.force:
+                diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+                raise ValueError(f"Work dir {self.workdir!r} holds a checkpoint of a different config "
+                                 f"(sections {diff} differ). Use another --workdir, or --force to "
+                                 "start over in this one.")
+        if ckpt is not None and self.force and os.path.exists(ident_path):
+            with open(ident_path) as f:
+                if json.load(f) != ident:
+                    import shutil
+                    shutil.rmtree(os.path.join(self.workdir, "checkpoints"))
+                    for name in ("metrics.jsonl",):
+                        if os.path.exists(os.path.join(self.workdir, name)):
+                            os.unlink(os.path.join(self.workdir, name))
+                    ckpt = None
+        _atomic_json(ident_path, ident)
+        with open(os.path.join(self.workdir, "config.yaml"), "w") as f:
+            yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
+        if ckpt is None:
+            return 0
+        state = load_checkpoint(ckpt, self.model, self.optimizer)
+        return int(state["step"])
+
+    def _save(self, step: int) -> str:
+        path = save_checkpoint(self.workdir, step, self.model, self.optimizer,
+                               {"data_position": {"step": step, "batch_size": self.cfg.data.batch_size,
+                                                  "seed": self.cfg.data.seed}},
+                               keep=self.cfg.train.keep_checkpoints)
+        meta = {"format": "vmoe-torch", "format_version": 1, "model": to_dict(self.model.config)}
+        _atomic_json(os.path.join(path, "config.json"), meta)
+        return path
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_signal = signum
+
+    # ---------------------------------------------------------------- fit
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        start = self._prepare_workdir()
+        total = cfg.train.steps
+        logger = MetricsLogger(self.workdir, resume_step=start)
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        mixup = None
+        if cfg.data.mixup_alpha > 0:
+            from torchvision.transforms import v2
+            mixup = v2.MixUp(alpha=cfg.data.mixup_alpha, num_classes=self.train_ds.num_classes)
+        loader = step_batches(self.train_ds, cfg.data.batch_size, cfg.data.seed, start, total,
+                              cfg.data.num_workers)
+        bar = None
+        if cfg.train.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=start, desc=os.path.basename(self.workdir.rstrip("/")),
+                       dynamic_ncols=True)
+        self.model.train()
+        step, t_last, n_since, status = start, time.perf_counter(), 0, "completed"
+        try:
+            for step, (images, labels) in zip(range(start, total), loader):
+                record = self._train_step(step, images, labels, mixup)
+                n_since += len(labels)
+                done = step + 1
+                if done % cfg.train.log_every == 0 or done == total:
+                    now = time.perf_counter()
+                    record["images_per_s"] = n_since / max(now - t_last, 1e-9)
+                    t_last, n_since = now, 0
+                    logger.log(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                        img_s=f"{record['images_per_s']:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
+                    logger.log({"step": done, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
+                    self.model.train()
+                if self._stop_signal is not None:
+                    self._save(done)
+                    status = f"stopped by signal {self._stop_signal} after step {done}"
+                    break
+                if done % cfg.train.checkpoint_every == 0 or done == total:
+                    self._save(done)
+            else:
+                if start < total:
+                    step = total - 1
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+            logger.close()
+        summary: dict[str, Any] = {"status": status, "steps": step + 1 if start < total else total}
+        if status == "completed":
+            final = self.evaluate()
+            summary["eval"] = final
+            _atomic_json(os.path.join(self.workdir, "eval.json"), final)
+            save_pretrained(self.model, os.path.join(self.workdir, "final"), overwrite=True)
+        return summary
+
+    def _train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor, mixup) -> dict[str, Any]:
+        cfg = self.cfg
+        torch.manual_seed(step_seed(cfg.train.seed, step))
+        lr = learning_rate(step, cfg.train.steps, cfg.optim.lr, cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x = to_model_range(images.to(self.device, non_blocking=True))
+        labels = labels.to(self.device, non_blocking=True)
+        if mixup is not None:
+            x, targets = mixup(x, labels)
+        else:
+            targets = F.one_hot(labels, self.train_ds.num_classes).float()
+        accum = cfg.train.grad_accum
+        task_total = aux_total = 0.0
+        routing: dict[str, list[torch.Tensor]] = {}
+        for xs, ts in zip(x.chunk(accum), targets.chunk(accum)):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+                logits, metrics = self.model(xs, return_metrics=True)
+            task = self.loss_fn(logits, ts)
+            aux = metrics["auxiliary_loss"]
+            ((task + aux) / accum).backward()
+            task_total += float(task.detach()) / accum
+            aux_total += float(aux.detach()) / accum
+            for key, value in metrics.items():
+                if "/" in key and key.split("/")[1] in _ROUTING_LOG:
+                    routing.setdefault(key, []).append(value.detach().float().mean(0))
+        grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record: dict[str, Any] = {"step": step + 1, "loss": task_total + aux_total, "task_loss": task_total,
+                                  "auxiliary_loss": aux_total, "lr": lr, "grad_norm": grad_norm}
+        for key, values in routing.items():  # per-layer means over groups (and micro-batches)
+            mean = torch.stack(values).mean(0)
+            record[key] = mean.tolist() if mean.dim() else float(mean)
+        return record
+
+    def evaluate(self) -> dict[str, float]:
+        """Test accuracy at the evaluation capacity factor."""
+        cf = self.cfg.eval.capacity_factor
+        loader = eval_batches(self.test_ds, self.cfg.data.eval_batch_size)
+        if cf is not None and self.model.moe_layers():
+            with self.model.routing(capacity_factor=cf):
+                return evaluate_classification(self.model, loader, bf16=self.cfg.train.bf16)
+        return evaluate_classification(self.model, loader, bf16=self.cfg.train.bf16)
+
+
+_ROUTING_LOG = ("importance_loss", "load_loss", "gshard_loss", "dropped_fraction", "expert_load",
+                "top_gate_mean")
+
+
+def _atomic_json(path: str, data: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,98 @@
+"""Routing statistics and the analysis report on a tiny model."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import TINY
+from vmoe_torch.analysis.report import _Recorder, analyze
+from vmoe_torch.analysis.stats import (class_expert_counts, flatten_runs, normalized_mutual_information,
+                                       processed_mask, row_shares)
+from vmoe_torch.config import load_config
+from vmoe_torch.data.pipeline import eval_batches, to_model_range
+from vmoe_torch.evaluate.classification import evaluate_classification
+from vmoe_torch.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cfg = load_config(None, TINY + ["train.steps=6"])
+    trainer = Trainer(cfg, str(tmp_path_factory.mktemp("wd")))
+    trainer.fit()
+    return trainer
+
+
+def test_heatmap_rows_sum_to_one_and_nmi_bounds():
+    counts = np.array([[5, 0, 1], [0, 0, 0], [2, 2, 2]])
+    shares = row_shares(counts)
+    np.testing.assert_allclose(shares.sum(1), [1, 0, 1])
+    assert normalized_mutual_information(np.diag([10, 10, 10])) == pytest.approx(1.0)
+    assert normalized_mutual_information(np.full((3, 4), 7)) == pytest.approx(0.0, abs=1e-12)
+    c = class_expert_counts(np.array([0, 1, 1]), np.array([2, 0, 0]), 3, 2)
+    assert c.tolist() == [[0, 2], [0, 0], [1, 0]]
+
+
+def test_processed_fraction_matches_dispatcher(trained):
+    model, ds = trained.model, trained.test_ds
+    images, _ = next(iter(eval_batches(ds, 32)))
+    for cf, expect_all in ((8.0, True), (0.25, False)):
+        with model.routing(capacity_factor=cf), _Recorder(model) as rec, torch.no_grad():
+            _, metrics = model(to_model_range(images), return_metrics=True)
+        for name, runs in rec.items():
+            frac = float(processed_mask(flatten_runs(runs)["kept"]).float().mean())
+            assert frac == pytest.approx(1.0 - float(metrics[f"{name}/no_expert_fraction"].mean()), abs=1e-6) \
+                or len(runs) > 1
+            assert (frac == 1.0) == expect_all
+
+
+def test_bpr_at_low_capacity_keeps_top_priority_tokens(trained):
+    model, ds = trained.model, trained.test_ds
+    images, _ = next(iter(eval_batches(ds, 32)))
+    with model.routing(capacity_factor=0.25, batch_priority=True, num_selected_experts=1), \
+            _Recorder(model) as rec, torch.no_grad():
+        model(to_model_range(images))
+    for runs in rec.values():
+        for run in runs:
+            kept = run["buffer_index"][..., 0] < run["capacity"]
+            prio = run["gates"][..., 0]
+            expert = run["expert_index"][..., 0]
+            for g in range(kept.shape[0]):
+                for e in expert[g].unique():
+                    m = expert[g] == e
+                    k, p = kept[g][m], prio[g][m]
+                    assert int(k.sum()) == min(int(m.sum()), int(run["capacity"]))
+                    if k.any() and (~k).any():
+                        assert float(p[k].min()) >= float(p[~k].max())
+
+
+def test_report_renders(trained, tmp_path):
+    out = tmp_path / "analysis"
+    res = analyze(trained.model, trained.test_ds, str(out), 32, capacity_factors=(0.25, 1.0, 4.0),
+                  num_map_images=2)
+    data = json.load(open(out / "analysis.json"))
+    assert {"capacity_factor", "num_selected_experts", "batch_priority", "test_accuracy",
+            "processed_fraction", "processed_fraction_per_layer"} <= set(data["capacity_sweep"][0])
+    assert [s["layer"] for s in data["specialisation"]] == [0, 1]
+    for layer, rows in data["heatmaps"].items():
+        sums = np.array(rows).sum(1)
+        assert np.all((np.abs(sums - 1) < 1e-9) | (sums == 0))
+    full = [r for r in data["capacity_sweep"] if r["capacity_factor"] == 4.0]
+    assert all(r["processed_fraction"] == 1.0 for r in full)
+    from PIL import Image
+    for png in ("capacity_sweep.png", "expert_class_heatmaps.png", "token_maps.png", "expert_load.png",
+                "reliance.png"):
+        path = out / png
+        assert path.stat().st_size > 10_000, png
+        w, h = Image.open(path).size
+        assert w >= 400 and h >= 200, (png, w, h)
+    report = (out / "report.md").read_text()
+    assert "capacity_sweep.png" in report and "normalised mutual information" in report
+    assert (out / "capacity_sweep.csv").exists()
+    # The analysis leaves routing settings as they were.
+    assert all(l.routing.capacity_factor == 1.05 and l.recorded is None
+               for l in trained.model.moe_layers().values())
+    assert 0 <= res["ablation"]["MoE outputs zeroed"] <= 1
