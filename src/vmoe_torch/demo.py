@@ -78,6 +78,7 @@ def run_demo(workdir: str = "runs/demo", quick: bool = False, overrides: Sequenc
               f"{wall:.0f}s of training", flush=True)
     moe, dense = trainers["moe"], trainers["dense"]
     results["eval_batch_size"] = moe.cfg.data.eval_batch_size
+    results["image_size"] = moe.cfg.data.image_size
     results["num_test_images"] = len(moe.test_ds)
 
     analysis_dir = os.path.join(workdir, "analysis")

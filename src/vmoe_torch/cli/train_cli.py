@@ -27,6 +27,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--force", action="store_true",
                    help="start over in a work dir that holds a checkpoint of a different config")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: shard every MoE layer's experts over the ranks "
+                        "(train.expert_parallel=true); without it, torchrun runs data parallel")
     p.set_defaults(func=run_train)
 
     p = sub.add_parser("finetune", help="fine-tune from a checkpoint (new head, new resolution, freezing)",
@@ -88,8 +91,11 @@ def _load(args: argparse.Namespace, extra: list[str] = ()):
 
 def run_train(args: argparse.Namespace) -> int:
     from ..train.trainer import Trainer
-    summary = Trainer(_load(args), args.workdir, force=args.force).fit()
-    print(json.dumps(summary, indent=2))
+    extra = ["train.expert_parallel=true"] if args.expert_parallel else []
+    trainer = Trainer(_load(args, extra), args.workdir, force=args.force)
+    summary = trainer.fit()
+    if trainer.rank == 0:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -81,6 +81,7 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = None
     device: str = "auto"          # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    expert_parallel: bool = False  # under torchrun: shard experts over the ranks (else data parallel)
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 2

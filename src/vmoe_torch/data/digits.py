@@ -11,6 +11,7 @@ function of the seed.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,10 +99,12 @@ def _render_split(digits: torch.Tensor, renders: int, size: int, clutter: int,
     return (torch.from_numpy(canvas) + noise).clamp(0, 1)
 
 
+@functools.lru_cache(maxsize=4)
 def make_cluttered_digits(seed: int = 0, image_size: int = 32, train_renders: int = 6,
                           test_renders: int = 5, clutter: int = 3,
                           test_fraction: float = 0.3) -> tuple[ClutteredDigits, ClutteredDigits]:
-    """Builds (train, test). Deterministic for a seed; split by source digit."""
+    """Builds (train, test). Deterministic for a seed; split by source digit.
+    Cached per process: callers must not modify the returned tensors."""
     if image_size < 20:
         raise ValueError(f"image_size must be >= 20 for cluttered digits, got {image_size}.")
     images, labels = _load_digits()

@@ -52,10 +52,14 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 class StepBatchSampler:
     """Yields [(index, step), ...] for steps start..stop-1 (see module doc)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int,
+                 rank: int = 0, world: int = 1) -> None:
         if n < 1:
             raise ValueError("The training set is empty.")
+        if batch_size % world:
+            raise ValueError(f"The batch size {batch_size} must be a multiple of the world size {world}.")
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -70,7 +74,8 @@ class StepBatchSampler:
                 if epoch not in cache:
                     cache = {epoch: _epoch_order(self.n, self.seed, epoch)}
                 batch.append((int(cache[epoch][offset]), step))
-            yield batch
+            share = self.batch_size // self.world   # rank r takes images [r*B/W, (r+1)*B/W)
+            yield batch[self.rank * share:(self.rank + 1) * share]
 
 
 def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,9 +85,10 @@ def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch
 
 
 def step_batches(ds: ImageDataset, batch_size: int, seed: int, start: int, stop: int,
-                 num_workers: int = 0) -> DataLoader:
-    """Training batches for steps [start, stop): (uint8 images, labels)."""
-    sampler = StepBatchSampler(len(ds), batch_size, seed, start, stop)
+                 num_workers: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    """Training batches for steps [start, stop): (uint8 images, labels);
+    with `world` > 1, this rank's share of each global batch."""
+    sampler = StepBatchSampler(len(ds), batch_size, seed, start, stop, rank, world)
     return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
                       persistent_workers=False)
 

@@ -239,6 +239,12 @@ class VisionTransformerMoe(nn.Module):
             self.config = dataclasses.replace(
                 self.config, moe=dataclasses.replace(self.config.moe, routing=first))
 
+    def set_noise_seed(self, seed: Optional[int]) -> None:
+        """Router noise from per-group seeds derived from `seed` (None: torch's
+        global RNG). Independent of the batch split across processes."""
+        for i, layer in enumerate(self.moe_layers().values()):
+            layer.noise_seed = None if seed is None else seed * 131 + i
+
     def routing_settings(self) -> dict[str, RoutingConfig]:
         return {k: v.routing for k, v in self.moe_layers().items()}
 

@@ -91,6 +91,12 @@ class MoeMlp(nn.Module):
         # Analysis hook: when a list, each routed run appends its (detached)
         # routing plan: expert_index, buffer_index, top gates, capacity.
         self.recorded: Optional[list[dict[str, Tensor]]] = None
+        # Per-group router noise: when `noise_seed` is set, group g's draw is
+        # seeded by (noise_seed, global index of g). With expert parallelism,
+        # `rank` shifts the global index by rank * (groups per rank), so the
+        # noise does not depend on the number of processes.
+        self.noise_seed: Optional[int] = None
+        self.rank = 0
         fan_in = dim  # flax Dense default: lecun_normal (truncated normal)
         nn.init.trunc_normal_(self.router.weight, std=math.sqrt(1.0 / fan_in) / 0.8796256610342398,
                               a=-2 * math.sqrt(1.0 / fan_in) / 0.8796256610342398,
@@ -144,18 +150,27 @@ class MoeMlp(nn.Module):
         tokens = x.reshape(batch * seq, dim)
         outs: list[Tensor] = []
         per_run: list[Metrics] = []
-        g_seen = 0
-        for start, groups, size in split_into_groups(batch * seq, self.group_size):
+        runs = split_into_groups(batch * seq, self.group_size)
+        g_seen = self.rank * sum(groups for _, groups, _ in runs)
+        for start, groups, size in runs:
             xg = tokens[start:start + groups * size].view(groups, size, dim)
             run_noise = None
             if noise is not None:
                 run_noise = noise[g_seen:g_seen + groups, :size]
+            elif self.training and self.noise_seed is not None:
+                run_noise = self.group_noise(g_seen, groups, size, x.device)
             y, m = self._route_groups(xg, run_noise)
             outs.append(y.reshape(groups * size, dim))
             per_run.append(m)
             g_seen += groups
         y = outs[0] if len(outs) == 1 else torch.cat(outs)
         return y.view(batch, seq, dim), _merge_runs(per_run)
+
+    def group_noise(self, first_group: int, groups: int, size: int, device) -> Tensor:
+        """(groups, size, E) standard-normal draws, one seeded stream per global group."""
+        draws = [torch.randn(size, self.num_experts, generator=torch.Generator().manual_seed(
+            self.noise_seed * 1_000_003 + first_group + g)) for g in range(groups)]
+        return torch.stack(draws).to(device)
 
     def _route_groups(self, x: Tensor, noise: Optional[Tensor]) -> tuple[Tensor, Metrics]:
         r = self.routing

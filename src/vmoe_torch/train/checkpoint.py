@@ -41,8 +41,7 @@ def latest_checkpoint(workdir: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
-def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def _optimizer_to_flat(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for idx, state in sd["state"].items():
@@ -70,17 +69,18 @@ def rng_state() -> dict[str, Any]:
             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
 
 
-def save_checkpoint(workdir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict[str, Any], keep: int = 2) -> str:
-    """Writes checkpoint `step` atomically and prunes old ones; returns its path."""
+def save_checkpoint(workdir: str, step: int, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any], extra: dict[str, Any], keep: int = 2) -> str:
+    """Writes checkpoint `step` atomically and prunes old ones; returns its path.
+    `model_state`/`optimizer_state` are full (unsharded) state dicts."""
     root = Path(workdir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()},
                   str(tmp / "model.safetensors"))
-        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer_state)
         opt_tensors["__torch_rng_state__"] = torch.get_rng_state()
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state = {"step": step, "optimizer": opt_meta, "rng": rng_state(), **extra}
@@ -99,19 +99,17 @@ def save_checkpoint(workdir: str, step: int, model: torch.nn.Module, optimizer: 
     return str(final)
 
 
-def load_checkpoint(path: str, model: torch.nn.Module,
-                    optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
-    """Restores model (and optimiser, RNG) from `path`; returns state.json."""
-    from ..convert.pretrained import load_state_strict
+def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Reads (model state, optimizer state dict, state.json) from `path` and
+    restores the RNG states."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    load_state_strict(model, load_file(os.path.join(path, "model.safetensors")))
-    if optimizer is not None:
-        tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-        torch.set_rng_state(tensors.pop("__torch_rng_state__"))
-        optimizer.load_state_dict(_optimizer_from_flat(tensors, state["optimizer"]))
-        version, internal, gauss = state["rng"]["python"]
-        random.setstate((version, tuple(internal), gauss))
-        np_state = state["rng"]["numpy"]
-        np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    return state
+    model_state = load_file(os.path.join(path, "model.safetensors"))
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("__torch_rng_state__"))
+    optimizer_state = _optimizer_from_flat(tensors, state["optimizer"])
+    version, internal, gauss = state["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["rng"]["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    return model_state, optimizer_state, state

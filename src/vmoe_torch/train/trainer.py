@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import time
+
+import torch.distributed as dist
 from typing import Any, Optional
 
 import torch
@@ -24,6 +26,9 @@ from ..evaluate.classification import evaluate_classification
 from ..models.registry import create_model
 from ..models.vit_moe import VisionTransformerMoe
 from ..utils.typed_config import to_dict
+from ..distributed.expert_parallel import (clip_grad_norm_distributed, expert_parallel,
+                                           gather_state_dict, shard_state_dict, sync_gradients)
+from ..distributed.runtime import gather_optimizer_state, init_from_env, shard_optimizer_state
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logger import MetricsLogger
 from .losses import LOSSES
@@ -102,10 +107,15 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         # Everything that can fail on bad config or data fails here, before any work.
         self.device = resolve_device(cfg.train.device)
+        self.rank, self.world = init_from_env(self.device)
+        self.expert_parallel = cfg.train.expert_parallel and self.world > 1
+        if cfg.data.batch_size % (self.world * cfg.train.grad_accum):
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} must be a multiple of world size "
+                             f"{self.world} x train.grad_accum {cfg.train.grad_accum}.")
         self.train_ds, self.test_ds = build_datasets(cfg.data)
         self.model = build_model(cfg, self.train_ds.num_classes).to(self.device)
         self._check_image_size()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer: Optional[torch.optim.Optimizer] = None
         self.loss_fn = LOSSES[cfg.train.loss]
         self._stop_signal: Optional[int] = None
 
@@ -121,7 +131,9 @@ class Trainer:
             self.model.train()
 
     # ------------------------------------------------------------ workdir
-    def _prepare_workdir(self) -> int:
+    def _prepare_workdir(self) -> tuple[int, Optional[dict[str, Any]]]:
+        """Checks the work dir; returns (start step, full optimizer state or None)
+        after loading the latest checkpoint's weights into the unsharded model."""
         os.makedirs(self.workdir, exist_ok=True)
         ident_path = os.path.join(self.workdir, "run_identity.json")
         ident = run_identity(self.cfg)
@@ -136,28 +148,50 @@ class Trainer:
                                  "start over in this one.")
         if ckpt is not None and self.force and os.path.exists(ident_path):
             with open(ident_path) as f:
-                if json.load(f) != ident:
+                stale = json.load(f) != ident
+            self._barrier()
+            if stale:
+                if self.rank == 0:
                     import shutil
                     shutil.rmtree(os.path.join(self.workdir, "checkpoints"))
-                    for name in ("metrics.jsonl",):
-                        if os.path.exists(os.path.join(self.workdir, name)):
-                            os.unlink(os.path.join(self.workdir, name))
-                    ckpt = None
-        _atomic_json(ident_path, ident)
-        with open(os.path.join(self.workdir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
+                    if os.path.exists(os.path.join(self.workdir, "metrics.jsonl")):
+                        os.unlink(os.path.join(self.workdir, "metrics.jsonl"))
+                ckpt = None
+        self._barrier()  # every rank has read the old identity before rank 0 rewrites it
+        if self.rank == 0:
+            _atomic_json(ident_path, ident)
+            with open(os.path.join(self.workdir, "config.yaml"), "w") as f:
+                yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
+        self._barrier()
         if ckpt is None:
-            return 0
-        state = load_checkpoint(ckpt, self.model, self.optimizer)
-        return int(state["step"])
+            return 0, None
+        from ..convert.pretrained import load_state_strict
+        model_state, optimizer_state, state = load_checkpoint(ckpt)
+        load_state_strict(self.model, model_state)
+        return int(state["step"]), optimizer_state
 
-    def _save(self, step: int) -> str:
-        path = save_checkpoint(self.workdir, step, self.model, self.optimizer,
-                               {"data_position": {"step": step, "batch_size": self.cfg.data.batch_size,
-                                                  "seed": self.cfg.data.seed}},
-                               keep=self.cfg.train.keep_checkpoints)
-        meta = {"format": "vmoe-torch", "format_version": 1, "model": to_dict(self.model.config)}
-        _atomic_json(os.path.join(path, "config.json"), meta)
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The unsharded model state (a collective call under expert parallelism)."""
+        return gather_state_dict(self.model) if self.expert_parallel else self.model.state_dict()
+
+    def _save(self, step: int) -> Optional[str]:
+        model_state = self.full_state()
+        opt_state = (gather_optimizer_state(self.optimizer, self.model) if self.expert_parallel
+                     else self.optimizer.state_dict())
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(self.workdir, step, model_state, opt_state,
+                                   {"data_position": {"step": step, "batch_size": self.cfg.data.batch_size,
+                                                      "seed": self.cfg.data.seed},
+                                    "world_size": self.world, "expert_parallel": self.expert_parallel},
+                                   keep=self.cfg.train.keep_checkpoints)
+            meta = {"format": "vmoe-torch", "format_version": 1, "model": to_dict(self.model.config)}
+            _atomic_json(os.path.join(path, "config.json"), meta)
+        self._barrier()
         return path
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -166,18 +200,25 @@ class Trainer:
     # ---------------------------------------------------------------- fit
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        start = self._prepare_workdir()
+        start, opt_state = self._prepare_workdir()
+        if self.expert_parallel:
+            expert_parallel(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        if opt_state is not None:
+            self.optimizer.load_state_dict(shard_optimizer_state(opt_state, self.optimizer, self.model)
+                                           if self.expert_parallel else opt_state)
         total = cfg.train.steps
-        logger = MetricsLogger(self.workdir, resume_step=start)
+        lead = self.rank == 0
+        logger = MetricsLogger(self.workdir, resume_step=start) if lead else None
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         mixup = None
         if cfg.data.mixup_alpha > 0:
             from torchvision.transforms import v2
             mixup = v2.MixUp(alpha=cfg.data.mixup_alpha, num_classes=self.train_ds.num_classes)
         loader = step_batches(self.train_ds, cfg.data.batch_size, cfg.data.seed, start, total,
-                              cfg.data.num_workers)
+                              cfg.data.num_workers, self.rank, self.world)
         bar = None
-        if cfg.train.progress:
+        if cfg.train.progress and lead:
             from tqdm.auto import tqdm
             bar = tqdm(total=total, initial=start, desc=os.path.basename(self.workdir.rstrip("/")),
                        dynamic_ncols=True)
@@ -185,22 +226,29 @@ class Trainer:
         step, t_last, n_since, status = start, time.perf_counter(), 0, "completed"
         try:
             for step, (images, labels) in zip(range(start, total), loader):
+                _maybe_inject_fault(step, self.rank)
                 record = self._train_step(step, images, labels, mixup)
-                n_since += len(labels)
+                n_since += len(labels) * self.world
                 done = step + 1
                 if done % cfg.train.log_every == 0 or done == total:
                     now = time.perf_counter()
                     record["images_per_s"] = n_since / max(now - t_last, 1e-9)
                     t_last, n_since = now, 0
-                    logger.log(record)
+                    if logger is not None:
+                        logger.log(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                         img_s=f"{record['images_per_s']:.0f}")
                 if bar is not None:
                     bar.update(1)
-                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
+                if (cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total
+                        and self.world == 1):
                     logger.log({"step": done, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
                     self.model.train()
+                if self.world > 1:  # every rank must agree to stop
+                    flag = torch.tensor([0 if self._stop_signal is None else int(self._stop_signal)])
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    self._stop_signal = int(flag) or None
                 if self._stop_signal is not None:
                     self._save(done)
                     status = f"stopped by signal {self._stop_signal} after step {done}"
@@ -215,18 +263,28 @@ class Trainer:
                 signal.signal(s, h)
             if bar is not None:
                 bar.close()
-            logger.close()
+            if logger is not None:
+                logger.close()
         summary: dict[str, Any] = {"status": status, "steps": step + 1 if start < total else total}
         if status == "completed":
-            final = self.evaluate()
-            summary["eval"] = final
-            _atomic_json(os.path.join(self.workdir, "eval.json"), final)
-            save_pretrained(self.model, os.path.join(self.workdir, "final"), overwrite=True)
+            if self.expert_parallel:  # evaluate and export an unsharded copy on rank 0
+                state = self.full_state()
+                if lead:
+                    full = VisionTransformerMoe(self.model.config).to(self.device)
+                    full.load_state_dict(state)
+                    self.model = full
+            if lead:
+                final = self.evaluate()
+                summary["eval"] = final
+                _atomic_json(os.path.join(self.workdir, "eval.json"), final)
+                save_pretrained(self.model, os.path.join(self.workdir, "final"), overwrite=True)
+            self._barrier()
         return summary
 
     def _train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor, mixup) -> dict[str, Any]:
         cfg = self.cfg
         torch.manual_seed(step_seed(cfg.train.seed, step))
+        self.model.set_noise_seed(step_seed(cfg.train.seed, step))
         lr = learning_rate(step, cfg.train.steps, cfg.optim.lr, cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -250,7 +308,14 @@ class Trainer:
             for key, value in metrics.items():
                 if "/" in key and key.split("/")[1] in _ROUTING_LOG:
                     routing.setdefault(key, []).append(value.detach().float().mean(0))
-        grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip_norm)
+        if self.world > 1:
+            sync_gradients(self.model)
+            grad_norm = clip_grad_norm_distributed(self.model, cfg.optim.grad_clip_norm)
+            totals = torch.tensor([task_total, aux_total], dtype=torch.float64)
+            dist.all_reduce(totals)
+            task_total, aux_total = (totals / self.world).tolist()
+        else:
+            grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         record: dict[str, Any] = {"step": step + 1, "loss": task_total + aux_total, "task_loss": task_total,
@@ -268,6 +333,16 @@ class Trainer:
             with self.model.routing(capacity_factor=cf):
                 return evaluate_classification(self.model, loader, bf16=self.cfg.train.bf16)
         return evaluate_classification(self.model, loader, bf16=self.cfg.train.bf16)
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Test hook: VMOE_FAIL_AT_STEP=s (and VMOE_FAIL_RANK=r) SIGKILLs rank r at
+    step s on the first attempt of a torchrun job (no restart yet)."""
+    at = os.environ.get("VMOE_FAIL_AT_STEP")
+    if at is None or int(at) != step or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if int(os.environ.get("VMOE_FAIL_RANK", "0")) == rank:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _ROUTING_LOG = ("importance_loss", "load_loss", "gshard_loss", "dropped_fraction", "expert_load",

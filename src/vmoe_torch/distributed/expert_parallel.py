@@ -1,0 +1,175 @@
+"""Expert parallelism (the reference's "expert" mesh axis) on torch.distributed.
+
+Conventions that make W processes compute exactly what one process computes
+on the same global batch (tested for W = 1, 2, 4):
+
+1. Data: rank r takes images [r*B/W, (r+1)*B/W) of the global batch of B.
+   Routing groups are cut per rank, in order, so when (B/W)*N is a multiple
+   of group_size the groups are exactly the single-process groups.
+2. Router noise comes from a per-group seed (layer seed, global group index),
+   never from a shared RNG stream, so it does not depend on W.
+3. Each MoE layer's router is replicated; rank r holds experts
+   [r*E/W, (r+1)*E/W). After routing its own groups, a rank has buffers
+   (E, G*C, D); the E axis is cut into W chunks and exchanged with
+   all_to_all_single, the local experts run on (E/W, W*G*C, D), and a second
+   all_to_all returns the outputs (the backward runs both exchanges in
+   reverse).
+4. Gradients: replicated (non-expert) parameters are averaged over ranks
+   with all_reduce; an expert's gradient already sums every rank's
+   contribution (through the exchange) and is divided by W, which gives the
+   gradient of the mean of the per-rank losses, i.e. of the global loss.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..moe.experts import Experts
+from ..moe.layer import MoeMlp
+from .comm import all_to_all
+
+_EXPERT_KEYS = ("w1", "b1", "w2", "b2")
+
+
+class ShardedExperts(nn.Module):
+    """Drop-in for `Experts` holding this rank's E/W experts."""
+
+    def __init__(self, full: Experts, group=None) -> None:
+        super().__init__()
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if full.num_experts % self.world:
+            raise ValueError(f"Expert parallelism needs the world size ({self.world}) to divide the "
+                             f"number of experts ({full.num_experts}).")
+        self.num_experts = full.num_experts
+        self.local_experts = full.num_experts // self.world
+        lo = self.rank * self.local_experts
+        self.local = Experts(self.local_experts, full.dim, full.mlp_dim, full.dropout.p)
+        with torch.no_grad():
+            for key in _EXPERT_KEYS:
+                getattr(self.local, key).copy_(getattr(full, key)[lo:lo + self.local_experts])
+
+    def forward(self, buffers: torch.Tensor) -> torch.Tensor:
+        """(E, N, D) buffers of this rank's groups -> (E, N, D) expert outputs."""
+        experts, n, dim = buffers.shape
+        w, el = self.world, self.local_experts
+        rows = el * n
+        # Chunk w of the expert axis (experts w*el ... ) goes to rank w.
+        recv = all_to_all(buffers.reshape(w * rows, dim), [rows] * w, group=self.group)
+        counts = [r // el for r in _split_sizes(recv, w, rows, self.group)]
+        parts = recv.split([c * el for c in counts])
+        x = torch.cat([p.reshape(el, c, dim) for p, c in zip(parts, counts)], dim=1)  # (el, sum N, D)
+        y = self.local(x)
+        back = torch.cat([t.reshape(el * c, dim) for t, c in zip(y.split(counts, dim=1), counts)])
+        out = all_to_all(back, [c * el for c in counts], [rows] * w, group=self.group)
+        return out.reshape(experts, n, dim)
+
+
+def _split_sizes(recv: torch.Tensor, world: int, rows: int, group) -> list[int]:
+    """Rows received from each rank (they differ only with uneven batches)."""
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([rows]), group=group)
+    return [int(s) for s in sizes]
+
+
+def expert_parallel(model: nn.Module, group=None) -> nn.Module:
+    """Shards every MoE layer's experts over the ranks of `group` in place,
+    and sets each layer's first global group index for per-group noise."""
+    for layer in _moe_layers(model):
+        layer.experts = ShardedExperts(layer.experts, group)
+        layer.rank = dist.get_rank(group)
+    return model
+
+
+def _moe_layers(model: nn.Module) -> list[MoeMlp]:
+    return [m for m in model.modules() if isinstance(m, MoeMlp)]
+
+
+def is_expert_param(name: str) -> bool:
+    """Parameters of a sharded expert module (distinct on every rank)."""
+    return ".experts.local." in f".{name}"
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, group=None) -> None:
+    """Averages replicated gradients over ranks; scales expert gradients by 1/W."""
+    world = dist.get_world_size(group)
+    replicated = [p.grad for n, p in model.named_parameters()
+                  if p.grad is not None and not is_expert_param(n)]
+    if replicated:
+        flat = torch.cat([g.reshape(-1) for g in replicated])
+        dist.all_reduce(flat, group=group)
+        flat /= world
+        offset = 0
+        for g in replicated:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    for n, p in model.named_parameters():
+        if p.grad is not None and is_expert_param(n):
+            p.grad /= world
+
+
+def _local_name(name: str) -> Optional[tuple[str, str]]:
+    """'blocks.1.mlp.experts.local.w1' -> ('blocks.1.mlp.experts', 'w1')."""
+    for key in _EXPERT_KEYS:
+        suffix = f".experts.local.{key}"
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".experts", key
+    return None
+
+
+@torch.no_grad()
+def gather_state_dict(model: nn.Module, group=None) -> dict[str, torch.Tensor]:
+    """The full single-process state_dict (experts gathered from every rank),
+    on every rank; names as in the unsharded model."""
+    world = dist.get_world_size(group)
+    out = {}
+    for name, value in model.state_dict().items():
+        local = _local_name(name)
+        if local is None:
+            out[name] = value
+            continue
+        parts = [torch.empty_like(value) for _ in range(world)]
+        dist.all_gather(parts, value.contiguous(), group=group)
+        out[f"{local[0]}.{local[1]}"] = torch.cat(parts)
+    return out
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], model: nn.Module, group=None) -> dict[str, torch.Tensor]:
+    """Slices a full state_dict for this rank's sharded model (any W that
+    divides E: checkpoints re-shard on load)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    out = {}
+    for name in model.state_dict():
+        local = _local_name(name)
+        if local is None:
+            out[name] = full[name]
+            continue
+        tensor = full[f"{local[0]}.{local[1]}"]
+        per = tensor.shape[0] // world
+        out[name] = tensor[rank * per:(rank + 1) * per].clone()
+    return out
+
+
+@torch.no_grad()
+def clip_grad_norm_distributed(model: nn.Module, max_norm: Optional[float], group=None) -> float:
+    """Global-norm clipping over the whole (sharded) model, after
+    `sync_gradients`: replicated gradients count once, every rank's experts
+    count once. Returns the norm before clipping."""
+    replicated, experts = [], []
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            (experts if is_expert_param(n) else replicated).append(p.grad)
+    sq = lambda gs: sum((g.double().square().sum() for g in gs), torch.zeros((), dtype=torch.float64))
+    expert_sq = sq(experts)
+    dist.all_reduce(expert_sq, group=group)
+    total = float((sq(replicated) + expert_sq).sqrt())
+    if max_norm is not None and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for g in replicated + experts:
+            g.mul_(scale)
+    return total

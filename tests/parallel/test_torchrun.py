@@ -1,0 +1,80 @@
+"""`vmoe train --expert-parallel` under torchrun: re-sharding on resume and
+recovery from a killed rank with --max-restarts."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import TINY
+
+pytestmark = pytest.mark.distributed
+STEPS = 6
+
+
+def _sets(extra=()):
+    overrides = TINY + [f"train.steps={STEPS}", "train.checkpoint_every=3", "train.keep_checkpoints=3",
+                        "train.device=cpu"] + list(extra)
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _env(**kw):
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **kw)
+
+
+def _train(workdir, nproc, extra=(), env=None, max_restarts=0):
+    args = ["train", "--workdir", str(workdir), *_sets(extra)]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "vmoe_torch.cli.main", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               f"--max-restarts={max_restarts}", "-m", "vmoe_torch.cli.main", *args, "--expert-parallel"]
+    proc = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("ref")
+    _train(wd, 1)
+    return _losses(wd)
+
+
+def test_resume_on_other_world_sizes(tmp_path, reference):
+    first = tmp_path / "two"
+    _train(first, 2, ["train.steps=3"])
+    assert sorted(_losses(first)) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert _losses(first)[step] == pytest.approx(reference[step], abs=1e-5)
+    for world in (4, 1):
+        wd = tmp_path / f"resume{world}"
+        shutil.copytree(first, wd)
+        _train(wd, world)
+        got = _losses(wd)
+        assert sorted(got) == list(range(1, STEPS + 1))
+        for step in range(4, STEPS + 1):
+            assert got[step] == pytest.approx(reference[step], abs=1e-5), (world, step)
+    # The expert-parallel checkpoint exports to the from_pretrained format.
+    import vmoe_torch
+    model = vmoe_torch.from_pretrained(str(tmp_path / "resume4" / "final"))
+    assert model.moe_layers()["encoderblock_0"].experts.w1.shape[0] == 4
+
+
+def test_killed_rank_recovers_with_max_restarts(tmp_path, reference):
+    wd = tmp_path / "killed"
+    proc = _train(wd, 2, env=_env(VMOE_FAIL_AT_STEP="4", VMOE_FAIL_RANK="1"), max_restarts=1)
+    got = _losses(wd)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(reference[step], abs=1e-5), step
+    assert "restart" in (proc.stderr + proc.stdout).lower() or "failed" in proc.stderr.lower()
