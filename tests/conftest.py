@@ -30,3 +30,15 @@ def npz(path: Path) -> dict[str, np.ndarray]:
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny V-MoE trained for 6 steps on the bundled digits (shared by the
+    evaluation and analysis tests)."""
+    from helpers import TINY
+    from vmoe_torch.config import load_config
+    from vmoe_torch.train.trainer import Trainer
+    trainer = Trainer(load_config(None, TINY + ["train.steps=6"]), str(tmp_path_factory.mktemp("wd")))
+    trainer.fit()
+    return trainer

@@ -18,14 +18,6 @@ from vmoe_torch.evaluate.classification import evaluate_classification
 from vmoe_torch.train.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    cfg = load_config(None, TINY + ["train.steps=6"])
-    trainer = Trainer(cfg, str(tmp_path_factory.mktemp("wd")))
-    trainer.fit()
-    return trainer
-
-
 def test_heatmap_rows_sum_to_one_and_nmi_bounds():
     counts = np.array([[5, 0, 1], [0, 0, 0], [2, 2, 2]])
     shares = row_shares(counts)

@@ -13,14 +13,6 @@ from vmoe_torch.evaluate.fewshot import ridge_fit
 from vmoe_torch.train.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    cfg = load_config(None, TINY + ["train.steps=6"])
-    trainer = Trainer(cfg, str(tmp_path_factory.mktemp("wd")))
-    trainer.fit()
-    return trainer
-
-
 def test_routing_grid(trained):
     model, ds = trained.model, trained.test_ds
     rows = routing_grid(model, lambda: eval_batches(ds, 32), [0.25, 8.0], None, (False, True))

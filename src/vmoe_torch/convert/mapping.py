@@ -13,7 +13,7 @@ rules (the Flax -> PyTorch transposes):
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -96,6 +96,16 @@ def _rules() -> list[Rule]:
 
 
 RULES = [(re.compile(f"^{src}$"), dst, f, part) for src, dst, f, part in _rules()]
+
+
+def map_reference_name(name: str, arr: Array) -> Optional[tuple[str, Array, Optional[tuple[int, int]]]]:
+    """(our name, array in our layout, (slot, num_slots) of a fused weight or
+    None) for one reference array; None when no rule maps `name`."""
+    for pattern, dst, f, part in RULES:
+        m = pattern.match(name)
+        if m:
+            return m.expand(dst), np.ascontiguousarray(f(np.asarray(arr))), part
+    return None
 
 
 def reference_to_torch(params: dict[str, Array]) -> dict[str, Array]:

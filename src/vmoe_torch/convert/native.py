@@ -120,12 +120,22 @@ def read_reference_checkpoint(prefix: str) -> dict[str, np.ndarray]:
       CheckpointError: on a missing or truncated shard, a corrupt index, or
         chunks that do not tile their arrays exactly.
     """
+    return dict(iter_reference_checkpoint(prefix))
+
+
+def iter_reference_checkpoint(prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, array) as soon as all of an array's chunks are read, so a
+    consumer that copies and drops each array keeps memory near one copy of
+    the largest in-flight arrays instead of the whole checkpoint.
+
+    Every shard file is checked to exist before anything is yielded; the
+    per-shard chunk checks run as each shard is read (a consumer must not
+    commit its result before the iterator is exhausted).
+    """
     count, leaves = read_index(prefix)
-    arrays: dict[str, np.ndarray] = {}
     expected: dict[int, dict[int, set]] = {}
+    remaining: dict[int, int] = {}
     for leaf, (name, info) in enumerate(leaves):
-        dtype = np.float32 if info.dtype == "bfloat16" else np.dtype(info.dtype)
-        arrays[name] = np.empty(info.shape, dtype)
         volume = 0
         for sl, shard in zip(info.slices, info.shards):
             expected.setdefault(shard, {}).setdefault(leaf, set()).add(sl)
@@ -133,26 +143,35 @@ def read_reference_checkpoint(prefix: str) -> dict[str, np.ndarray]:
         if volume != int(np.prod(info.shape)):
             raise CheckpointError(f"Chunks of {name!r} cover {volume} elements, the array has "
                                   f"{int(np.prod(info.shape))}: the index is inconsistent.")
-    names = [name for name, _ in leaves]
-    for k in range(count):
-        path = shard_path(prefix, k, count)
+        remaining[leaf] = len(info.slices)
+    paths = [shard_path(prefix, k, count) for k in range(count)]
+    for path in paths:
         if not os.path.exists(path):
             raise CheckpointError(f"Shard {path!r} is missing ({count} shards expected).")
-        seen = _read_shard(path, names, arrays)
+    in_flight: dict[int, np.ndarray] = {}
+    for k, path in enumerate(paths):
+        seen: dict[int, set] = {}
+        for leaf in _read_shard(path, leaves, in_flight, seen):
+            remaining[leaf] -= 1
+            if remaining[leaf] == 0:
+                yield leaves[leaf][0], in_flight.pop(leaf)
         want = expected.get(k, {})
         for leaf, slices in want.items():
             if seen.get(leaf, set()) != slices:
-                raise CheckpointError(f"Shard {path!r} lacks chunks of {names[leaf]!r} that the "
+                raise CheckpointError(f"Shard {path!r} lacks chunks of {leaves[leaf][0]!r} that the "
                                       "index places there; the checkpoint is incomplete.")
         extra = set(seen) - set(want)
         if extra:
             raise CheckpointError(f"Shard {path!r} holds chunks the index does not list "
                                   f"(leaves {sorted(extra)[:5]}).")
-    return arrays
+    if in_flight or any(remaining.values()):
+        raise CheckpointError("Some arrays did not receive all their chunks; the checkpoint is incomplete.")
 
 
-def _read_shard(path: str, names: list[str], arrays: dict[str, np.ndarray]) -> dict[int, set]:
-    seen: dict[int, set] = {}
+def _read_shard(path: str, leaves: list[tuple[str, IndexInfo]], arrays: dict[int, np.ndarray],
+                seen: dict[int, set]) -> Iterator[int]:
+    """Streams one shard, writing each chunk into its array (allocated on
+    first use) and yielding the leaf number after every chunk."""
     size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:
@@ -164,28 +183,32 @@ def _read_shard(path: str, names: list[str], arrays: dict[str, np.ndarray]) -> d
                 if key == MAGIC:
                     continue
                 leaf = int(key)
-                if not 0 <= leaf < len(names):
+                if not 0 <= leaf < len(leaves):
                     raise CheckpointError(f"Shard {path!r} names unknown leaf {key!r}.")
-                target = arrays[names[leaf]]
+                name, info = leaves[leaf]
+                if leaf not in arrays:
+                    dtype = np.float32 if info.dtype == "bfloat16" else np.dtype(info.dtype)
+                    arrays[leaf] = np.empty(info.shape, dtype)
+                target = arrays[leaf]
                 for subchunks, ndslice in value:
                     if not (isinstance(ndslice, msgpack.ExtType) and ndslice.code == EXT_NDSLICE):
-                        raise CheckpointError(f"Shard {path!r}: malformed chunk of {names[leaf]!r}.")
+                        raise CheckpointError(f"Shard {path!r}: malformed chunk of {name!r}.")
                     bounds = _resolve([_decode_slice(p) for p in msgpack.unpackb(ndslice.data, raw=False)],
                                       target.shape)
                     pieces = [_decode_array(s.data) for s in subchunks]
                     chunk_shape = tuple(b - a for a, b in bounds)
                     flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
                     if flat.size != int(np.prod(chunk_shape)):
-                        raise CheckpointError(f"Shard {path!r}: chunk of {names[leaf]!r} has {flat.size} "
+                        raise CheckpointError(f"Shard {path!r}: chunk of {name!r} has {flat.size} "
                                               f"values for a {chunk_shape} region.")
-                    region = tuple(slice(a, b) for a, b in bounds)
-                    target[region] = flat.reshape(chunk_shape)
+                    target[tuple(slice(a, b) for a, b in bounds)] = flat.reshape(chunk_shape)
                     seen.setdefault(leaf, set()).add(bounds)
+                    del flat, pieces
+                    yield leaf
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f"Shard {path!r} is truncated or corrupt: {type(e).__name__}: {e}") from e
-    return seen
 
 
 # ------------------------------------------------------------------ writer

@@ -25,9 +25,8 @@ from ..utils.typed_config import from_dict, to_dict
 FORMAT, FORMAT_VERSION = "vmoe-torch", 1
 
 
-def load_state_strict(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
-    """Copies `state` into `model`, failing on any missing, unexpected or
-    mis-shaped entry (no silent partial loads)."""
+def check_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    """Raises ValueError listing every missing, unexpected or mis-shaped entry."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -38,6 +37,13 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
                          + (f"\n  missing in checkpoint: {missing}" if missing else "")
                          + (f"\n  not in the model: {unexpected}" if unexpected else "")
                          + (f"\n  shape mismatches: {shapes}" if shapes else ""))
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
+    """Copies `state` into `model`, failing on any missing, unexpected or
+    mis-shaped entry (no silent partial loads)."""
+    check_state(model, state)
+    own = model.state_dict()
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(torch.as_tensor(v))
@@ -96,8 +102,11 @@ def from_pretrained(path: str, map_location: str = "cpu", **routing: Any) -> Vis
     applied with `set_routing`."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a directory with model.safetensors and config.json.")
-    model = VisionTransformerMoe(read_config(path))
-    load_state_strict(model, load_file(os.path.join(path, "model.safetensors"), device=map_location))
+    with torch.device("meta"):  # no throw-away initialisation: the weights are assigned
+        model = VisionTransformerMoe(read_config(path))
+    state = load_file(os.path.join(path, "model.safetensors"), device=map_location)
+    check_state(model, state)
+    model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     if routing:
         model.set_routing(**routing)

@@ -8,8 +8,10 @@ import numpy as np
 
 from ..models.config import ModelConfig
 from ..models.vit_moe import VisionTransformerMoe
-from .mapping import reference_to_torch, torch_to_reference
-from .native import read_reference_checkpoint, write_reference_checkpoint
+import torch
+
+from .mapping import map_reference_name, reference_to_torch, torch_to_reference
+from .native import iter_reference_checkpoint, read_index, write_reference_checkpoint
 from .pretrained import load_state_strict
 from .reference_config import config_from_reference, config_to_reference
 
@@ -37,6 +39,10 @@ def model_from_reference(prefix: str, model_config: Mapping[str, Any],
                          image_size: Optional[int | tuple[int, int]] = None) -> VisionTransformerMoe:
     """Reads a native checkpoint and builds the model it belongs to (eval mode).
 
+    The model is allocated once, uninitialised, and every array is copied into
+    its parameter as soon as the reader has all of the array's chunks, then
+    dropped: peak memory stays near one copy of the parameters.
+
     Args:
       prefix: checkpoint prefix (`<prefix>.index`, `<prefix>.data-*`).
       model_config: the reference constructor kwargs.
@@ -44,7 +50,48 @@ def model_from_reference(prefix: str, model_config: Mapping[str, Any],
         inferred from the checkpoint when omitted. To run at another size,
         call `model.resize_pos_embed(size)` afterwards.
     """
-    return model_from_params(read_reference_checkpoint(prefix), model_config, image_size)
+    _, leaves = read_index(prefix)
+    shapes = {name: np.empty(0) for name, _ in leaves}
+    pos = dict(leaves).get("Encoder/posembed_input/pos_embedding")
+    if pos is not None:
+        shapes["Encoder/posembed_input/pos_embedding"] = np.empty(pos.shape, np.float32)
+    cfg = config_from_reference(model_config, shapes, image_size)
+    with torch.device("meta"):
+        model = VisionTransformerMoe(cfg)
+    model = model.to_empty(device="cpu")
+    own = dict(model.named_parameters())
+    filled: dict[str, int] = {}
+    unmapped, mismatched = [], []
+    with torch.no_grad():
+        for name, arr in iter_reference_checkpoint(prefix):
+            mapped = map_reference_name(name, arr)
+            if mapped is None:
+                unmapped.append(name)
+                continue
+            target, value, part = mapped
+            if target not in own:
+                mismatched.append(f"{name} -> {target}: not in the model")
+                continue
+            param = own[target]
+            region = param if part is None else param.chunk(part[1], dim=0)[part[0]]
+            if tuple(region.shape) != value.shape:
+                mismatched.append(f"{name}: checkpoint {value.shape} vs model {tuple(region.shape)}")
+                continue
+            region.copy_(torch.from_numpy(value))
+            filled[target] = filled.get(target, 0) + 1
+            del arr, value
+    need = {n: 1 for n in own}
+    for target in [n for n in own if n.endswith(("attn.qkv.weight", "attn.qkv.bias"))]:
+        need[target] = 3
+    for target in [n for n in own if n.endswith(("attn.kv.weight", "attn.kv.bias"))]:
+        need[target] = 2
+    missing = sorted(n for n in own if filled.get(n, 0) != need[n])
+    if unmapped or mismatched or missing:
+        raise ValueError("The checkpoint does not match the given config:"
+                         + (f"\n  reference parameters with no mapping: {sorted(unmapped)}" if unmapped else "")
+                         + (f"\n  shape mismatches / not in the model: {mismatched}" if mismatched else "")
+                         + (f"\n  missing in checkpoint: {missing}" if missing else ""))
+    return model.eval()
 
 
 def model_to_reference(model: VisionTransformerMoe, prefix: str, num_shards: int = 1,
