@@ -16,8 +16,7 @@ _NO_DECAY = ("pos_embed", "cls_token", "map_head.probe")
 
 def is_kernel(name: str, param: torch.Tensor) -> bool:
     """Dense/conv/expert/router kernels: matrices (or stacks of them)."""
-    return param.dim() >= 2 and not any(name == n or name.startswith(n + ".") or name.endswith(n)
-                                        for n in _NO_DECAY)
+    return param.dim() >= 2 and name not in _NO_DECAY
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
