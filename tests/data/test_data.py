@@ -79,3 +79,19 @@ def test_missing_dataset_errors(tmp_path):
         build_datasets(DataConfig(name="cifar10", path=str(tmp_path / "none")))
     with pytest.raises(FileNotFoundError, match="train/"):
         build_datasets(DataConfig(name="imagefolder", path=str(tmp_path)))
+
+
+def test_huggingface_dataset_from_disk(tmp_path):
+    hf = pytest.importorskip("datasets")
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    def split(n):
+        return hf.Dataset.from_dict(
+            {"image": [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(n)],
+             "label": [i % 3 for i in range(n)]},
+            features=hf.Features({"image": hf.Image(), "label": hf.ClassLabel(num_classes=3)}))
+    hf.DatasetDict({"train": split(6), "test": split(4)}).save_to_disk(str(tmp_path / "ds"))
+    tr, te = build_datasets(DataConfig(name="hf", path=str(tmp_path / "ds"), image_size=16))
+    assert tr.num_classes == 3 and len(tr) == 6 and len(te) == 4
+    x, y = te[1]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == 1
