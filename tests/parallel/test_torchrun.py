@@ -33,7 +33,7 @@ def _train(workdir, nproc, extra=(), env=None, max_restarts=0):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                f"--max-restarts={max_restarts}", "-m", "vmoe_torch.cli.main", *args, "--expert-parallel"]
-    proc = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -18,7 +19,17 @@ def init_from_env(device: torch.device) -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        rank = int(os.environ["RANK"])
+        # After a torchrun restart, the store still holds the failed attempt's
+        # keys (e.g. gloo peer addresses); a per-attempt prefix keeps the new
+        # workers from trying to connect to dead processes.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=False if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                              else rank == 0, timeout=timedelta(minutes=10))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"vmoe/attempt{attempt}", store),
+                                rank=rank, world_size=world, timeout=timedelta(minutes=10))
     return dist.get_rank(), dist.get_world_size()
 
 
