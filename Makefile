@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
+DEMO_DIR ?= runs/demo
+
 .PHONY: install demo test bench clean
 
 $(STAMP): pyproject.toml Makefile
@@ -18,13 +20,16 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m vmoe_torch.cli.main demo --workdir runs/demo
+	$(PY) -m vmoe_torch.cli.main demo --workdir $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/expert_parallel.py
+	$(PY) benchmarks/convert_checkpoint.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

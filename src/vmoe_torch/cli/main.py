@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import convert, models
+from . import convert, models, train_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,11 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (convert, models):
         module.add_parser(sub)
-    try:
-        from . import train_cli
-        train_cli.add_parsers(sub)
-    except ImportError:  # pragma: no cover - optional until training lands
-        pass
+    train_cli.add_parsers(sub)
     return parser
 
 
