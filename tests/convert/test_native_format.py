@@ -158,3 +158,13 @@ def test_released_registry():
     assert RELEASED["vmoe_s32_last2_ilsvrc2012_randaug_light1"].expected["ilsvrc2012_test"] == 73.1
     with pytest.raises(ValueError, match="not supported yet"):
         released_config("eee_s32_last2_ilsvrc2012_ft_cifar100")
+
+
+def test_dict_level_mapping_matches_the_streaming_loader():
+    from vmoe_torch.convert.mapping import reference_to_torch
+    model = model_from_reference(str(CASE_B / "ckpt"), load_reference_config(str(CASE_B / "config.json")))
+    mapped = reference_to_torch(read_reference_checkpoint(str(CASE_B / "ckpt")))
+    state = model.state_dict()
+    assert set(mapped) == set(state)
+    for k, v in mapped.items():
+        np.testing.assert_array_equal(v, state[k].numpy(), err_msg=k)

@@ -3,7 +3,6 @@ unknown keys; `load_config(path, overrides)` reads YAML and applies
 `--set a.b=value` overrides (values parsed as YAML scalars)."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -187,6 +186,3 @@ def validate(cfg: ExperimentConfig) -> None:
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return to_dict(cfg)
 
-
-def replace(cfg: ExperimentConfig, **sections: Any) -> ExperimentConfig:
-    return dataclasses.replace(cfg, **sections)

@@ -119,19 +119,16 @@ def reference_to_torch(params: dict[str, Array]) -> dict[str, Array]:
     fused_n: dict[str, int] = {}
     unmapped = []
     for name, arr in params.items():
-        for pattern, dst, f, part in RULES:
-            m = pattern.match(name)
-            if m:
-                target = m.expand(dst)
-                value = np.ascontiguousarray(f(np.asarray(arr)))
-                if part is None:
-                    out[target] = value
-                else:
-                    fused.setdefault(target, {})[part[0]] = value
-                    fused_n[target] = part[1]
-                break
-        else:
+        mapped = map_reference_name(name, arr)
+        if mapped is None:
             unmapped.append(name)
+            continue
+        target, value, part = mapped
+        if part is None:
+            out[target] = value
+        else:
+            fused.setdefault(target, {})[part[0]] = value
+            fused_n[target] = part[1]
     if unmapped:
         raise ValueError(f"Reference parameters with no mapping: {sorted(unmapped)}.")
     for target, parts in fused.items():

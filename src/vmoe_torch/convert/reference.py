@@ -10,9 +10,8 @@ from ..models.config import ModelConfig
 from ..models.vit_moe import VisionTransformerMoe
 import torch
 
-from .mapping import map_reference_name, reference_to_torch, torch_to_reference
+from .mapping import map_reference_name, torch_to_reference
 from .native import iter_reference_checkpoint, read_index, write_reference_checkpoint
-from .pretrained import load_state_strict
 from .reference_config import config_from_reference, config_to_reference
 
 
@@ -22,17 +21,6 @@ def load_reference_config(path: str) -> dict[str, Any]:
     with open(path) as f:
         data = json.load(f)
     return data.get("constructor_kwargs", data)
-
-
-def model_from_params(params: Mapping[str, np.ndarray], model_config: Mapping[str, Any],
-                      image_size: Optional[int | tuple[int, int]] = None) -> VisionTransformerMoe:
-    cfg = config_from_reference(model_config, params, image_size)
-    model = VisionTransformerMoe(cfg)
-    try:
-        load_state_strict(model, reference_to_torch(dict(params)))
-    except ValueError as e:
-        raise ValueError(f"The checkpoint does not match the given config: {e}") from e
-    return model.eval()
 
 
 def model_from_reference(prefix: str, model_config: Mapping[str, Any],
