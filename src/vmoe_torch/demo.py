@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .analysis.report import CAPACITY_FACTORS, analyze
@@ -103,7 +104,7 @@ def run_demo(workdir: str = "runs/demo", quick: bool = False, overrides: Sequenc
     from .analysis import plots
     plots.plot_capacity_sweep(analysis["capacity_sweep"], os.path.join(workdir, "accuracy_vs_capacity.png"),
                               "Demo V-MoE: accuracy vs capacity")
-    plots.plot_expert_load({k: __import__("numpy").array(v) for k, v in analysis["expert_load"].items()},
+    plots.plot_expert_load({k: np.array(v) for k, v in analysis["expert_load"].items()},
                            {float(c): v for c, v in analysis["dropped_fraction"].items()},
                            os.path.join(workdir, "routing_stats.png"))
     results["total_wall_clock_s"] = time.perf_counter() - t0

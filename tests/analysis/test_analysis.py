@@ -2,20 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import TINY
 from vmoe_torch.analysis.report import _Recorder, analyze
 from vmoe_torch.analysis.stats import (class_expert_counts, flatten_runs, normalized_mutual_information,
                                        processed_mask, row_shares)
-from vmoe_torch.config import load_config
 from vmoe_torch.data.pipeline import eval_batches, to_model_range
-from vmoe_torch.evaluate.classification import evaluate_classification
-from vmoe_torch.train.trainer import Trainer
 
 
 def test_heatmap_rows_sum_to_one_and_nmi_bounds():
@@ -36,8 +31,8 @@ def test_processed_fraction_matches_dispatcher(trained):
             _, metrics = model(to_model_range(images), return_metrics=True)
         for name, runs in rec.items():
             frac = float(processed_mask(flatten_runs(runs)["kept"]).float().mean())
-            assert frac == pytest.approx(1.0 - float(metrics[f"{name}/no_expert_fraction"].mean()), abs=1e-6) \
-                or len(runs) > 1
+            assert len(runs) == 1  # 32 images x 17 tokens = 16 full groups of 34
+            assert frac == pytest.approx(1.0 - float(metrics[f"{name}/no_expert_fraction"].mean()), abs=1e-6)
             assert (frac == 1.0) == expect_all
 
 

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from helpers import TINY
-from vmoe_torch.config import load_config
 from vmoe_torch.data.pipeline import eval_batches
 from vmoe_torch.evaluate import evaluate_classification, fewshot_evaluate, routing_grid
 from vmoe_torch.evaluate.fewshot import ridge_fit
-from vmoe_torch.train.trainer import Trainer
 
 
 def test_routing_grid(trained):

@@ -55,7 +55,7 @@ def _decode_array(payload: bytes) -> np.ndarray:
     return arr
 
 
-def _decode_slice(packed: bytes, shape_len: Optional[int] = None) -> tuple[int, int]:
+def _decode_slice(packed: bytes) -> tuple[int, int]:
     start, stop, step = msgpack.unpackb(packed, raw=False)
     if step not in (None, 1):
         raise CheckpointError(f"Strided chunk slices (step={step}) are not supported.")

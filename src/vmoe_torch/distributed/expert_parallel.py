@@ -29,7 +29,7 @@ from torch import nn
 
 from ..moe.experts import Experts
 from ..moe.layer import MoeMlp
-from .comm import all_to_all
+from .comm import all_to_all, exchange_counts
 
 _EXPERT_KEYS = ("w1", "b1", "w2", "b2")
 
@@ -58,22 +58,18 @@ class ShardedExperts(nn.Module):
         experts, n, dim = buffers.shape
         w, el = self.world, self.local_experts
         rows = el * n
-        # Chunk w of the expert axis (experts w*el ... ) goes to rank w.
-        recv = all_to_all(buffers.reshape(w * rows, dim), [rows] * w, group=self.group)
-        counts = [r // el for r in _split_sizes(recv, w, rows, self.group)]
-        parts = recv.split([c * el for c in counts])
+        # 1. Rows each rank sends us (equal unless batches are uneven), exchanged once.
+        recv_rows = exchange_counts([rows] * w, self.group)
+        counts = [r // el for r in recv_rows]
+        # 2. Chunk w of the expert axis (experts w*el ...) goes to rank w.
+        recv = all_to_all(buffers.reshape(w * rows, dim), [rows] * w, recv_rows, group=self.group)
+        parts = recv.split(recv_rows)
         x = torch.cat([p.reshape(el, c, dim) for p, c in zip(parts, counts)], dim=1)  # (el, sum N, D)
         y = self.local(x)
+        # 3. Outputs go back the way they came.
         back = torch.cat([t.reshape(el * c, dim) for t, c in zip(y.split(counts, dim=1), counts)])
-        out = all_to_all(back, [c * el for c in counts], [rows] * w, group=self.group)
+        out = all_to_all(back, recv_rows, [rows] * w, group=self.group)
         return out.reshape(experts, n, dim)
-
-
-def _split_sizes(recv: torch.Tensor, world: int, rows: int, group) -> list[int]:
-    """Rows received from each rank (they differ only with uneven batches)."""
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([rows]), group=group)
-    return [int(s) for s in sizes]
 
 
 def expert_parallel(model: nn.Module, group=None) -> nn.Module:

@@ -2,11 +2,11 @@
 with batched matmuls. Kernels keep the reference layout (E, in, out)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..layers.init import xavier_uniform_
 
 
 class Experts(nn.Module):
@@ -29,9 +29,7 @@ class Experts(nn.Module):
     def reset_parameters(self) -> None:
         # vit_jax MlpBlock: xavier_uniform kernels, normal(1e-6) biases.
         for w in (self.w1, self.w2):
-            fan_in, fan_out = w.shape[1], w.shape[2]
-            bound = math.sqrt(6.0 / (fan_in + fan_out))
-            nn.init.uniform_(w, -bound, bound)
+            xavier_uniform_(w, w.shape[1], w.shape[2])
         for b in (self.b1, self.b2):
             nn.init.normal_(b, std=1e-6)
 

@@ -5,13 +5,13 @@ Axis legend: see `vmoe_torch.moe.routing`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.init import lecun_normal_
 from .capacity import compute_capacity
 from .config import RoutingConfig
 from .dispatch import EinsumDispatcher, ExpertChoiceDispatcher, IndexDispatcher, routing_to_dense
@@ -97,10 +97,7 @@ class MoeMlp(nn.Module):
         # noise does not depend on the number of processes.
         self.noise_seed: Optional[int] = None
         self.rank = 0
-        fan_in = dim  # flax Dense default: lecun_normal (truncated normal)
-        nn.init.trunc_normal_(self.router.weight, std=math.sqrt(1.0 / fan_in) / 0.8796256610342398,
-                              a=-2 * math.sqrt(1.0 / fan_in) / 0.8796256610342398,
-                              b=2 * math.sqrt(1.0 / fan_in) / 0.8796256610342398)
+        lecun_normal_(self.router.weight, dim)  # flax Dense default
 
     def _checked(self, base: RoutingConfig, changes: dict[str, Any]) -> RoutingConfig:
         fields = {f.name for f in dataclasses.fields(RoutingConfig)}

@@ -227,10 +227,11 @@ class Trainer:
         try:
             for step, (images, labels) in zip(range(start, total), loader):
                 _maybe_inject_fault(step, self.rank)
-                record = self._train_step(step, images, labels, mixup)
-                n_since += len(labels) * self.world
                 done = step + 1
-                if done % cfg.train.log_every == 0 or done == total:
+                log_now = done % cfg.train.log_every == 0 or done == total
+                record = self._train_step(step, images, labels, mixup, log_now)
+                n_since += len(labels) * self.world
+                if log_now:
                     now = time.perf_counter()
                     record["images_per_s"] = n_since / max(now - t_last, 1e-9)
                     t_last, n_since = now, 0
@@ -281,7 +282,8 @@ class Trainer:
             self._barrier()
         return summary
 
-    def _train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor, mixup) -> dict[str, Any]:
+    def _train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor, mixup,
+                    collect_routing: bool = True) -> dict[str, Any]:
         cfg = self.cfg
         torch.manual_seed(step_seed(cfg.train.seed, step))
         self.model.set_noise_seed(step_seed(cfg.train.seed, step))
@@ -305,7 +307,7 @@ class Trainer:
             ((task + aux) / accum).backward()
             task_total += float(task.detach()) / accum
             aux_total += float(aux.detach()) / accum
-            for key, value in metrics.items():
+            for key, value in metrics.items() if collect_routing else ():
                 if "/" in key and key.split("/")[1] in _ROUTING_LOG:
                     routing.setdefault(key, []).append(value.detach().float().mean(0))
         if self.world > 1:
