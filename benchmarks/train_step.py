@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from vmoe_torch import create_model
+from vmoe_torch.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"   # the demo's model settings come from here
 
 
 def images_per_s(name: str, batch: int, image: int, bf16: bool, steps: int, warmup: int, **kw) -> float:
@@ -53,14 +57,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps")
     print("| model | batch | px | precision | images/s | ratio to dense |")
     print("|---|---|---|---|---|---|")
-    demo_kw = dict(patch_size=8, group_size=8 * 26)   # the demo: 40 px, patch 8, 8-image groups
+    demo = {name: load_config(str(CONFIGS / f"demo_{name}.yaml")) for name in ("moe", "dense")}
+    batch, px = demo["moe"].data.batch_size, demo["moe"].data.image_size
     for bf16 in ([False] if args.skip_bf16 else [False, True]):
         prec = "bf16 autocast" if bf16 else "fp32"
-        dense = images_per_s("vit_mi4", 64, 40, bf16, args.steps, args.warmup, patch_size=8)
-        moe = images_per_s("vmoe_mi4_every1", 64, 40, bf16, args.steps, args.warmup, **demo_kw)
-        print(f"| demo dense ViT-Mi/8 | 64 | 40 | {prec} | {dense:.1f} | 1.00 |", flush=True)
-        print(f"| demo V-MoE-Mi/8 Every 1, E=8 K=2 | 64 | 40 | {prec} | {moe:.1f} | {moe / dense:.2f} |",
-              flush=True)
+        dense = images_per_s(demo["dense"].model.name, batch, px, bf16, args.steps, args.warmup,
+                             **demo["dense"].model.overrides)
+        moe = images_per_s(demo["moe"].model.name, batch, px, bf16, args.steps, args.warmup,
+                           **demo["moe"].model.overrides)
+        print(f"| demo dense ViT-Mi/8 | {batch} | {px} | {prec} | {dense:.1f} | 1.00 |", flush=True)
+        print(f"| demo V-MoE-Mi/8 Every 1, E=8 K=2 | {batch} | {px} | {prec} | {moe:.1f} | "
+              f"{moe / dense:.2f} |", flush=True)
     if args.skip_s32:
         return
     native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
