@@ -21,8 +21,8 @@ def test_quick_demo_writes_results(tmp_path):
     assert {(c, k, b) for c in (0.25, 0.5, 1.0, 2.0) for k in (2, 1) for b in (False, True)} <= combos
     assert set(res["fewshot"]) == {"moe", "dense"} and "1" in res["fewshot"]["moe"]
     assert res["eval_batch_size"] > 0
-    for png in ("accuracy_vs_capacity.png", "routing_stats.png"):
-        assert (wd / png).stat().st_size > 10_000
+    for png in ("capacity_sweep.png", "expert_load.png"):
+        assert (wd / "analysis" / png).stat().st_size > 10_000
     analysis = json.load(open(wd / "analysis" / "analysis.json"))
     assert analysis["specialisation"] and analysis["capacity_sweep"]
     # The analysis CLI on the same work dir.

@@ -3,22 +3,20 @@
 Trains the demo V-MoE and its dense twin (configs/demo_moe.yaml,
 configs/demo_dense.yaml), evaluates both, sweeps the V-MoE's routing
 (capacity x K x vanilla/BPR), few-shot evaluates both, runs the routing
-analysis, and writes WORKDIR/results.json, WORKDIR/*.png and a printed table.
+analysis, and writes WORKDIR/results.json and a printed table.
 
 WORKDIR layout:
   moe/, dense/      training work dirs (checkpoints/, metrics.jsonl, tb/, final/)
-  analysis/         the routing-analysis report (analysis.json, report.md, PNGs)
-  results.json      the numbers below; accuracy_vs_capacity.png, routing_stats.png
+  analysis/         the routing-analysis report (analysis.json, report.md, CSVs, PNGs)
+  results.json      the numbers below
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from .analysis.report import CAPACITY_FACTORS, analyze
@@ -26,6 +24,7 @@ from .config import load_config
 from .data.pipeline import eval_batches
 from .evaluate.fewshot import extract_features, fewshot_evaluate
 from .train.trainer import Trainer
+from .utils.io import atomic_write_json
 
 _QUICK = ["train.steps=12", "train.log_every=4", "train.checkpoint_every=6", "data.train_renders=1",
           "data.test_renders=1", "fewshot.seeds=1", "fewshot.shots=[1,5]"]
@@ -101,16 +100,8 @@ def run_demo(workdir: str = "runs/demo", quick: bool = False, overrides: Sequenc
         tex, tey = extract_features(trainer.model, eval_batches(trainer.test_ds, trainer.cfg.data.eval_batch_size))
         results["fewshot"][name] = fewshot_evaluate(trx, try_, tex, tey, fs_cfg.shots, fs_cfg.seeds,
                                                     fs_cfg.l2_grid)
-    from .analysis import plots
-    plots.plot_capacity_sweep(analysis["capacity_sweep"], os.path.join(workdir, "accuracy_vs_capacity.png"),
-                              "Demo V-MoE: accuracy vs capacity")
-    plots.plot_expert_load({k: np.array(v) for k, v in analysis["expert_load"].items()},
-                           {float(c): v for c, v in analysis["dropped_fraction"].items()},
-                           os.path.join(workdir, "routing_stats.png"))
     results["total_wall_clock_s"] = time.perf_counter() - t0
-    with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(os.path.join(workdir, "results.json.tmp"), os.path.join(workdir, "results.json"))
+    atomic_write_json(os.path.join(workdir, "results.json"), results)
     print(format_results(results))
     return results
 

@@ -13,6 +13,7 @@ Writes out_dir/analysis.json, CSV tables, PNG figures and report.md:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -22,6 +23,7 @@ import torch
 
 from ..data.pipeline import eval_batches, to_model_range
 from ..evaluate.classification import routing_grid
+from ..utils.io import atomic_write_json, atomic_write_text
 from . import plots
 from .stats import (accuracy_by_group_position, class_expert_counts, expert_load, flatten_runs,
                     normalized_mutual_information, processed_mask, row_shares)
@@ -69,11 +71,12 @@ class _NullCtx:
 def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
 
 
 def analyze(model, test_ds, out_dir: str, eval_batch_size: int = 128,
@@ -171,8 +174,7 @@ def analyze(model, test_ds, out_dir: str, eval_batch_size: int = 128,
                             for n in layers]
     plots.plot_reliance(ablation, position, gate_mean, num_experts, os.path.join(out_dir, "reliance.png"))
 
-    with open(os.path.join(out_dir, "analysis.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write_json(os.path.join(out_dir, "analysis.json"), result)
     _write_report(result, out_dir)
     return result
 
@@ -210,5 +212,4 @@ def _write_report(res: dict[str, Any], out_dir: str) -> None:
     lines += ["", "Accuracy by image position inside the routing group:", ""]
     for name, accs in res["accuracy_by_group_position"].items():
         lines.append(f"- {name}: " + ", ".join(f"{a:.3f}" for a in accs))
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")

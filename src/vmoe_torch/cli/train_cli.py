@@ -5,6 +5,8 @@ import argparse
 import json
 import os
 
+from ..utils.io import atomic_write_json
+
 _CONFIG_HELP = "YAML experiment config (see configs/); omit for the defaults"
 _SET_HELP = "dotted override, repeatable: --set optim.lr=1e-3 --set model.overrides.num_experts=4"
 
@@ -73,8 +75,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the bundled end-to-end demo (make demo)",
                        description="Trains a tiny V-MoE and the dense ViT of the same backbone on the "
                                    "bundled cluttered digits, evaluates both (and the V-MoE over a "
-                                   "routing grid), few-shot evaluates both, writes results.json, plots "
-                                   "and the routing analysis report.")
+                                   "routing grid), few-shot evaluates both, writes results.json "
+                                   "and the routing-analysis report with its figures.")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a much shorter run, for a smoke test")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -128,8 +130,7 @@ def run_eval(args: argparse.Namespace) -> int:
         result["capacity_sweep"] = rows
         print(format_grid(rows))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.out, result)
     return 0
 
 
@@ -147,8 +148,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
     for shots, r in res.items():
         print(f"{shots:>3}-shot: {r['mean']:.4f} ± {r['std']:.4f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+        atomic_write_json(args.out, res)
     return 0
 
 

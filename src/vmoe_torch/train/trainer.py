@@ -11,11 +11,10 @@ import json
 import os
 import signal
 import time
-
-import torch.distributed as dist
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
@@ -25,6 +24,7 @@ from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model
 from ..evaluate.classification import evaluate_classification
 from ..models.registry import create_model
 from ..models.vit_moe import VisionTransformerMoe
+from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.typed_config import to_dict
 from ..distributed.expert_parallel import (clip_grad_norm_distributed, expert_parallel,
                                            gather_state_dict, shard_state_dict, sync_gradients)
@@ -159,9 +159,9 @@ class Trainer:
                 ckpt = None
         self._barrier()  # every rank has read the old identity before rank 0 rewrites it
         if self.rank == 0:
-            _atomic_json(ident_path, ident)
-            with open(os.path.join(self.workdir, "config.yaml"), "w") as f:
-                yaml.safe_dump(config_to_dict(self.cfg), f, sort_keys=False)
+            atomic_write_json(ident_path, ident)
+            atomic_write_text(os.path.join(self.workdir, "config.yaml"),
+                              yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         self._barrier()
         if ckpt is None:
             return 0, None
@@ -190,7 +190,7 @@ class Trainer:
                                     "world_size": self.world, "expert_parallel": self.expert_parallel},
                                    keep=self.cfg.train.keep_checkpoints)
             meta = {"format": "vmoe-torch", "format_version": 1, "model": to_dict(self.model.config)}
-            _atomic_json(os.path.join(path, "config.json"), meta)
+            atomic_write_json(os.path.join(path, "config.json"), meta)
         self._barrier()
         return path
 
@@ -277,7 +277,7 @@ class Trainer:
             if lead:
                 final = self.evaluate()
                 summary["eval"] = final
-                _atomic_json(os.path.join(self.workdir, "eval.json"), final)
+                atomic_write_json(os.path.join(self.workdir, "eval.json"), final)
                 save_pretrained(self.model, os.path.join(self.workdir, "final"), overwrite=True)
             self._barrier()
         return summary
@@ -351,8 +351,3 @@ _ROUTING_LOG = ("importance_loss", "load_loss", "gshard_loss", "dropped_fraction
                 "top_gate_mean")
 
 
-def _atomic_json(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
