@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vmoe_torch import MoeMlp
-from vmoe_torch.moe import (EinsumDispatcher, IndexDispatcher, routing_to_dense,
+from vmoe_torch.moe import (Bfloat16Dispatcher, EinsumDispatcher, IndexDispatcher, routing_to_dense,
                             split_into_groups, top_experts_per_item)
 from vmoe_torch.moe.dispatch import round_to_bfloat16
 
@@ -28,8 +28,9 @@ def test_index_dispatch_equals_einsum_reference(k, bpr, bf16):
     x = torch.randn(G, S, D, requires_grad=True)
     w = torch.randn(E, D, D)
     routing = top_experts_per_item(gates, k, 4, bpr)
-    fast = IndexDispatcher(routing, bfloat16=bf16)
-    slow = EinsumDispatcher(routing_to_dense(routing, gates), bfloat16=bf16)
+    fast, slow = IndexDispatcher(routing), EinsumDispatcher(routing_to_dense(routing, gates))
+    if bf16:
+        fast, slow = Bfloat16Dispatcher(fast), Bfloat16Dispatcher(slow)
     buf_fast, buf_slow = fast.dispatch(x), slow.dispatch(x)
     torch.testing.assert_close(buf_fast, buf_slow, rtol=0, atol=0)
     y_fast = fast.combine(torch.bmm(buf_fast, w))

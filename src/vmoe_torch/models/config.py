@@ -11,6 +11,14 @@ PositionEmb = Literal["learned", "sincos2d", "none"]
 
 
 @dataclass(frozen=True)
+class LayerRouting:
+    """Routing of one MoE block that differs from `MoeConfig.routing`."""
+
+    layer: int
+    routing: RoutingConfig
+
+
+@dataclass(frozen=True)
 class MoeConfig:
     """Which blocks are sparse and how their experts are built.
 
@@ -18,16 +26,70 @@ class MoeConfig:
       layers: indices of the blocks whose MLP is an MoE.
       num_experts: E.
       group_size: tokens per routing group (None: the whole batch); the paper
-        uses 8 images' worth of tokens.
+        uses 8 images' worth of tokens. With an ensemble (E^3) the groups are
+        cut after the M copies are interleaved, so it counts B*N*M tokens.
       mlp_dim: hidden size of each expert (None: the model's mlp_dim).
-      routing: the routing settings shared by every MoE layer.
+      dropout_rate: dropout inside the experts (None: the model's
+        dropout_rate), the reference's `encoder.moe.dropout_rate`.
+      routing: the routing settings of every MoE layer ...
+      layer_routing: ... except these blocks, which run their own settings
+        (what a per-layer `set_routing` leaves behind, so it is saved too).
+      ensemble_size: M; > 1 makes the model an E^3 efficient ensemble
+        (arXiv 2110.03360): inputs are repeated M times before the first MoE
+        block and member m routes among experts m*E/M ... (m+1)*E/M - 1.
     """
 
     layers: tuple[int, ...] = ()
     num_experts: int = 8
     group_size: Optional[int] = None
     mlp_dim: Optional[int] = None
+    dropout_rate: Optional[float] = None
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    layer_routing: tuple[LayerRouting, ...] = ()
+    ensemble_size: int = 1
+
+    def routing_for(self, layer: int) -> RoutingConfig:
+        """The routing block `layer` runs with."""
+        for entry in self.layer_routing:
+            if entry.layer == layer:
+                return entry.routing
+        return self.routing
+
+    def validate(self, num_layers: int) -> None:
+        bad = [i for i in self.layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"MoE layers {bad} are outside the {num_layers} blocks "
+                             f"(valid: 0..{num_layers - 1}).")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}.")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1 token, got {self.group_size}.")
+        if self.dropout_rate is not None and not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"moe.dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+        stray = sorted({e.layer for e in self.layer_routing} - set(self.layers))
+        if stray:
+            raise ValueError(f"layer_routing names blocks {stray} that are not MoE blocks "
+                             f"{sorted(self.layers)}.")
+        m = self.ensemble_size
+        if m < 1 or self.num_experts % m:
+            raise ValueError(f"ensemble_size must be >= 1 and divide num_experts="
+                             f"{self.num_experts}, got {m}.")
+        for routing in [self.routing] + [e.routing for e in self.layer_routing]:
+            routing.validate(self.num_experts)
+            if routing.router == "soft" and routing.num_slots is None and self.group_size is None:
+                raise ValueError("Soft MoE sizes its slots from group_size * capacity_factor / E: "
+                                 "set moe.group_size, or routing.num_slots.")
+            if m > 1:
+                if routing.router != "top_experts":
+                    raise ValueError(f"An E^3 ensemble (ensemble_size={m}) routes with "
+                                     f"'top_experts', not {routing.router!r}.")
+                if routing.num_selected_experts > self.num_experts // m:
+                    raise ValueError(
+                        f"K={routing.num_selected_experts} exceeds the {self.num_experts // m} "
+                        f"experts of each of the {m} ensemble members.")
+        if m > 1 and self.group_size is not None and self.group_size % m:
+            raise ValueError(f"group_size={self.group_size} must be a multiple of "
+                             f"ensemble_size={m} (members alternate inside every group).")
 
 
 @dataclass(frozen=True)
@@ -88,15 +150,7 @@ class ModelConfig:
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}.")
         if self.moe is not None:
-            bad = [i for i in self.moe.layers if not 0 <= i < self.num_layers]
-            if bad:
-                raise ValueError(f"MoE layers {bad} are outside the {self.num_layers} blocks "
-                                 f"(valid: 0..{self.num_layers - 1}).")
-            if self.moe.num_experts < 1:
-                raise ValueError(f"num_experts must be >= 1, got {self.moe.num_experts}.")
-            if self.moe.group_size is not None and self.moe.group_size < 1:
-                raise ValueError(f"group_size must be >= 1 token, got {self.moe.group_size}.")
-            self.moe.routing.validate(self.moe.num_experts)
+            self.moe.validate(self.num_layers)
 
     @property
     def grid(self) -> tuple[int, int]:

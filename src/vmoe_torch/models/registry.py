@@ -26,7 +26,7 @@ def register(name: str, description: str, tiny: bool = False, **kw: Any) -> None
         cfg = dataclasses.replace(cfg, **_TINY)
         if cfg.moe is not None:
             cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
-                cfg.moe, routing=dataclasses.replace(cfg.moe.routing, **_TINY_ROUTING)))
+                cfg.moe, routing=cfg.moe.routing.updated(**_TINY_ROUTING)))
         return cfg
     PRESETS[name] = build
 
@@ -54,12 +54,56 @@ def list_models() -> list[str]:
     return sorted(PRESETS)
 
 
+def _images_per_group(cfg: ModelConfig) -> int:
+    """Images per routing group of a preset (8, the paper's, when unknown)."""
+    if cfg.moe is None or cfg.moe.group_size is None:
+        return 8
+    per_image = cfg.tokens_per_image * cfg.moe.ensemble_size
+    return cfg.moe.group_size // per_image if cfg.moe.group_size % per_image == 0 else 8
+
+
+def _split_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """Model / MoE / routing overrides. `moe={...}` and `routing={...}` name
+    their section explicitly; a bare name is taken by the first section that
+    has it, in that order (so `mlp_dim` is the model's, `moe={"mlp_dim": 256}`
+    the experts')."""
+    model_kw: dict[str, Any] = {}
+    moe_kw: dict[str, Any] = {}
+    routing_kw: dict[str, Any] = {}
+    for section, fields, target in (("moe", _MOE_FIELDS, moe_kw), ("routing", _ROUTING_FIELDS, routing_kw)):
+        value = overrides.get(section)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - fields)
+            if unknown:
+                raise ValueError(f"Unknown {section} override(s) {unknown}; valid: {sorted(fields)}.")
+            target.update(value)
+    unknown = []
+    for key, value in overrides.items():
+        if key in ("moe", "routing") and isinstance(value, dict):
+            continue
+        if key in _MODEL_FIELDS:
+            model_kw[key] = value
+        elif key in _MOE_FIELDS:
+            moe_kw[key] = value
+        elif key in _ROUTING_FIELDS:
+            routing_kw[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"Unknown override(s) {sorted(unknown)} for create_model; valid: model fields "
+                         f"{sorted(_MODEL_FIELDS)}, MoE fields {sorted(_MOE_FIELDS)} (or moe={{...}}), "
+                         f"routing fields {sorted(_ROUTING_FIELDS)} (or routing={{...}}).")
+    return model_kw, moe_kw, routing_kw
+
+
 def resolve_config(name: str, **overrides: Any) -> ModelConfig:
     """Config of a preset name or paper description with overrides applied.
 
     Overrides may name any ModelConfig field (num_classes, image_size, ...),
-    any MoeConfig field (num_experts, group_size, layers) or any routing
-    field (num_selected_experts, capacity_factor, batch_priority, ...).
+    any MoeConfig field (num_experts, group_size, layers, ensemble_size) or
+    any routing field (num_selected_experts, capacity_factor, router, ...).
+    Names shared by two sections (mlp_dim, dropout_rate) are the model's;
+    pass `moe={"mlp_dim": 256}` for the experts'.
     """
     if name in PRESETS:
         cfg = PRESETS[name]()
@@ -68,31 +112,24 @@ def resolve_config(name: str, **overrides: Any) -> ModelConfig:
     else:
         raise ValueError(f"Unknown model {name!r}. Known presets: {list_models()}, or a paper "
                          "description such as 'ViT-S/32, E=8, K=2, Last 2'.")
-    unknown = sorted(set(overrides) - _MODEL_FIELDS - _MOE_FIELDS - _ROUTING_FIELDS)
-    if unknown:
-        raise ValueError(f"Unknown override(s) {unknown} for create_model; valid: model fields "
-                         f"{sorted(_MODEL_FIELDS)}, MoE fields {sorted(_MOE_FIELDS)}, routing "
-                         f"fields {sorted(_ROUTING_FIELDS)}.")
-    model_kw = {k: v for k, v in overrides.items() if k in _MODEL_FIELDS}
+    model_kw, moe_kw, routing_kw = _split_overrides(cfg, overrides)
     for key in ("image_size", "patch_size"):
         if key in model_kw:
             model_kw[key] = as_pair(model_kw[key])
     if "num_classes" in model_kw and "head_bias_init" not in model_kw and cfg.head_bias_init:
         n = model_kw["num_classes"]
         model_kw["head_bias_init"] = -math.log(n) if n > 1 else 0.0
-    moe_kw = {k: v for k, v in overrides.items() if k in _MOE_FIELDS}
-    routing_kw = {k: v for k, v in overrides.items() if k in _ROUTING_FIELDS}
     if (moe_kw or routing_kw) and cfg.moe is None and "moe" not in model_kw:
         raise ValueError(f"{name!r} is a dense model: MoE/routing overrides {sorted(moe_kw) + sorted(routing_kw)} do not apply.")
+    images = _images_per_group(cfg)
     cfg = dataclasses.replace(cfg, **model_kw)
     if cfg.moe is not None and (moe_kw or routing_kw or "image_size" in model_kw):
         if "layers" in moe_kw:
             moe_kw["layers"] = tuple(moe_kw["layers"])
-        if "capacity" in routing_kw and "capacity_factor" not in routing_kw:
-            routing_kw["capacity_factor"] = None
-        routing = dataclasses.replace(cfg.moe.routing, **routing_kw)
+        routing = cfg.moe.routing.updated(**routing_kw)
         if "group_size" not in moe_kw and "image_size" in model_kw:
-            moe_kw["group_size"] = 8 * cfg.tokens_per_image
+            # Keep the number of images per routing group at the new resolution.
+            moe_kw["group_size"] = images * cfg.tokens_per_image * cfg.moe.ensemble_size
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, routing=routing, **moe_kw))
     cfg.validate()
     return cfg

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..layers import Attention, MapHead, Mlp, PatchEmbed, resample_pos_embed, sincos2d_pos_embed
 from ..moe import MoeMlp
 from ..moe.config import RoutingConfig
-from .config import ModelConfig
+from .config import LayerRouting, ModelConfig
 
 Metrics = dict[str, Tensor]
 
@@ -26,19 +26,20 @@ Metrics = dict[str, Tensor]
 class Block(nn.Module):
     """Pre-LN encoder block: x + Attn(LN(x)), then x + Mlp(LN(x)) (or MoE)."""
 
-    def __init__(self, cfg: ModelConfig, is_moe: bool) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         d = cfg.hidden_size
         self.norm1 = nn.LayerNorm(d, eps=1e-6)
         self.attn = Attention(d, cfg.num_heads, cfg.attention_dropout_rate)
         self.drop = nn.Dropout(cfg.dropout_rate)
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
-        self.is_moe = is_moe
-        if is_moe:
-            moe = cfg.moe
+        moe = cfg.moe
+        self.is_moe = moe is not None and index in moe.layers
+        if moe is not None and self.is_moe:
             self.mlp: nn.Module = MoeMlp(
-                d, moe.mlp_dim or cfg.mlp_dim, moe.num_experts, group_size=moe.group_size,
-                dropout_rate=cfg.dropout_rate, **dataclasses.asdict(moe.routing))
+                d, moe.mlp_dim or cfg.mlp_dim, moe.num_experts, moe.routing_for(index),
+                group_size=moe.group_size, ensemble_size=moe.ensemble_size,
+                dropout_rate=cfg.dropout_rate if moe.dropout_rate is None else moe.dropout_rate)
         else:
             self.mlp = Mlp(d, cfg.mlp_dim, cfg.dropout_rate)
 
@@ -58,6 +59,14 @@ class VisionTransformerMoe(nn.Module):
     `(logits, metrics)`, where `metrics["auxiliary_loss"]` is the 0-dim
     tensor to add to the training loss and `encoderblock_<i>/<name>` holds
     each MoE layer's per-group (G,) metrics.
+
+    E^3 (`config.moe.ensemble_size` M > 1): the tokens are repeated M times
+    just before the first MoE block (row b*M + m is image b for member m)
+    and the model returns (B*M, classes) logits, as the reference; average
+    the members with `ensemble_log_probs(logits, M)`.
+
+    `model.config` is derived from the layers: the routing each MoE layer
+    actually runs is what `config` reports and what is saved.
     """
 
     def __init__(self, config: Optional[ModelConfig] = None, **kwargs: Any) -> None:
@@ -68,7 +77,7 @@ class VisionTransformerMoe(nn.Module):
         elif kwargs:
             raise ValueError("Pass either a ModelConfig or keyword arguments, not both.")
         config.validate()
-        self.config = config
+        self._config = config
         d = config.hidden_size
         self.patch_embed = PatchEmbed(config.patch_size, d, config.in_chans)
         self.num_prefix_tokens = 1 if config.classifier == "token" else 0
@@ -80,8 +89,10 @@ class VisionTransformerMoe(nn.Module):
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(config.dropout_rate)
-        moe_layers = set(config.moe.layers) if config.moe is not None else set()
-        self.blocks = nn.ModuleList(Block(config, i in moe_layers) for i in range(config.num_layers))
+        self.ensemble_size = config.moe.ensemble_size if config.moe is not None else 1
+        moe_layers = sorted(config.moe.layers) if config.moe is not None else []
+        self.first_moe_block = moe_layers[0] if moe_layers else -1
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.map_head = MapHead(d, config.mlp_dim, config.num_heads) if config.classifier == "map" else None
         if config.representation_size:
@@ -95,13 +106,35 @@ class VisionTransformerMoe(nn.Module):
         self.head: Optional[nn.Linear] = None
         self._build_head(config.num_classes, config.head_bias_init)
 
+    # --------------------------------------------------------------- config
+    @property
+    def config(self) -> ModelConfig:
+        """The model's configuration, with each MoE layer's routing as it runs
+        now: the most common setting in `moe.routing`, the others in
+        `moe.layer_routing`."""
+        cfg = self._config
+        if cfg.moe is None:
+            return cfg
+        per = {i: b.mlp.routing for i, b in enumerate(self.blocks) if b.is_moe}
+        if not per:
+            return cfg
+        values = list(per.values())
+        base = max(values, key=lambda r: (values.count(r), r == cfg.moe.routing))
+        overrides = tuple(LayerRouting(i, r) for i, r in sorted(per.items()) if r != base)
+        return dataclasses.replace(cfg, moe=dataclasses.replace(
+            cfg.moe, routing=base, layer_routing=overrides))
+
+    @config.setter
+    def config(self, value: ModelConfig) -> None:
+        self._config = value
+
     # ----------------------------------------------------------------- head
     def _build_head(self, num_classes: int, bias_init: float) -> None:
         if num_classes <= 0:
             self.head = None
             return
         self.head = nn.Linear(self.num_features, num_classes)
-        if self.config.head_kernel_zero_init:
+        if self._config.head_kernel_zero_init:
             nn.init.zeros_(self.head.weight)
         else:
             from ..layers.init import lecun_normal_
@@ -114,10 +147,10 @@ class VisionTransformerMoe(nn.Module):
         representation (pre-logits) layer."""
         if not keep_representation and self.pre_logits is not None:
             self.pre_logits = None
-            self.num_features = self.config.hidden_size
-        self.config = dataclasses.replace(
-            self.config, num_classes=num_classes, head_bias_init=head_bias_init,
-            representation_size=self.config.representation_size if self.pre_logits is not None else None)
+            self.num_features = self._config.hidden_size
+        self._config = dataclasses.replace(
+            self._config, num_classes=num_classes, head_bias_init=head_bias_init,
+            representation_size=self._config.representation_size if self.pre_logits is not None else None)
         device = next(self.parameters()).device
         self._build_head(num_classes, head_bias_init)
         if self.head is not None:
@@ -132,10 +165,10 @@ class VisionTransformerMoe(nn.Module):
             new = resample_pos_embed(self.pos_embed.data, self.pos_grid, new_grid, self.num_prefix_tokens)
             self.pos_embed = nn.Parameter(new)
         self.pos_grid = new_grid
-        self.config = dataclasses.replace(self.config, image_size=tuple(image_size))
+        self._config = dataclasses.replace(self._config, image_size=tuple(image_size))
 
     def _add_pos_embed(self, x: Tensor, grid: tuple[int, int], interpolate: bool) -> Tensor:
-        kind = self.config.position_emb
+        kind = self._config.position_emb
         if kind == "sincos2d":
             pe = sincos2d_pos_embed(grid[0], grid[1], x.shape[-1], device=x.device).to(x.dtype)
             if self.num_prefix_tokens:
@@ -148,7 +181,7 @@ class VisionTransformerMoe(nn.Module):
                     raise ValueError(
                         f"Images give a {grid[0]}x{grid[1]} patch grid but the position embedding "
                         f"is for {self.pos_grid[0]}x{self.pos_grid[1]} (image_size="
-                        f"{self.config.image_size}). Pass interpolate_pos_embed=True, or call "
+                        f"{self._config.image_size}). Pass interpolate_pos_embed=True, or call "
                         "model.resize_pos_embed(new_image_size) once before fine-tuning.")
                 pe = resample_pos_embed(pe, self.pos_grid, grid, self.num_prefix_tokens)
             return x + pe.to(x.dtype)
@@ -159,10 +192,10 @@ class VisionTransformerMoe(nn.Module):
         if images.dim() != 4:
             raise ValueError(f"Expected images of shape (B, C, H, W), got {tuple(images.shape)}. "
                              "Add a batch axis, or permute NHWC images with .permute(0, 3, 1, 2).")
-        if images.shape[1] != self.config.in_chans:
-            raise ValueError(f"Expected {self.config.in_chans} channels (NCHW), got shape "
+        if images.shape[1] != self._config.in_chans:
+            raise ValueError(f"Expected {self._config.in_chans} channels (NCHW), got shape "
                              f"{tuple(images.shape)}. NHWC images need .permute(0, 3, 1, 2).")
-        if self.config.check_finite and not torch.isfinite(images).all():
+        if self._config.check_finite and not torch.isfinite(images).all():
             raise ValueError("Input images contain NaN or Inf values.")
         return self.patch_embed.grid(images.shape[2], images.shape[3])
 
@@ -177,6 +210,8 @@ class VisionTransformerMoe(nn.Module):
         metrics: Metrics = {}
         aux = x.new_zeros((), dtype=torch.float32)
         for i, block in enumerate(self.blocks):
+            if i == self.first_moe_block and self.ensemble_size > 1:
+                x = x.repeat_interleave(self.ensemble_size, dim=0)
             name = f"encoderblock_{i}"
             noise = router_noise.get(name) if router_noise else None
             x, m = block(x, noise)
@@ -192,9 +227,9 @@ class VisionTransformerMoe(nn.Module):
 
     def pool(self, x: Tensor) -> Tensor:
         """(B, N, D) -> (B, D) by the configured classifier."""
-        if self.config.classifier == "token":
+        if self._config.classifier == "token":
             return x[:, 0]
-        if self.config.classifier == "gap":
+        if self._config.classifier == "gap":
             return x.mean(dim=1)
         return self.map_head(x)
 
@@ -224,7 +259,8 @@ class VisionTransformerMoe(nn.Module):
     def set_routing(self, layers: Optional[list[int]] = None, **changes: Any) -> None:
         """Changes routing at inference without retraining, e.g.
         `model.set_routing(num_selected_experts=1, capacity_factor=0.5,
-        batch_priority=True)`; `layers` restricts it to some block indices."""
+        batch_priority=True)`; `layers` restricts it to some block indices.
+        All-or-nothing: if any layer rejects the change, none is changed."""
         moe = self.moe_layers()
         if not moe:
             raise ValueError("This model has no MoE layers to re-route.")
@@ -232,12 +268,19 @@ class VisionTransformerMoe(nn.Module):
         missing = [k for k, v in targets.items() if v is None]
         if missing:
             raise ValueError(f"Blocks {missing} are not MoE layers; MoE blocks: {sorted(moe)}.")
-        for layer in targets.values():
-            layer.set_routing(**changes)
-        if layers is None and self.config.moe is not None:
-            first = next(iter(moe.values())).routing
-            self.config = dataclasses.replace(
-                self.config, moe=dataclasses.replace(self.config.moe, routing=first))
+        saved = self.routing_settings()
+        try:
+            for layer in targets.values():
+                assert layer is not None
+                layer.set_routing(**changes)
+        except Exception:
+            self._restore_routing(saved)
+            raise
+
+    def _restore_routing(self, saved: dict[str, RoutingConfig]) -> None:
+        for name, layer in self.moe_layers().items():
+            if layer.routing != saved[name]:
+                layer.apply_routing(saved[name])
 
     def set_noise_seed(self, seed: Optional[int]) -> None:
         """Router noise from per-group seeds derived from `seed` (None: torch's
@@ -252,16 +295,23 @@ class VisionTransformerMoe(nn.Module):
     def routing(self, layers: Optional[list[int]] = None, **changes: Any) -> Iterator[None]:
         """Context manager form of `set_routing`; restores the settings on exit."""
         saved = self.routing_settings()
-        saved_config = self.config
         try:
             self.set_routing(layers, **changes)
             yield
         finally:
-            for name, layer in self.moe_layers().items():
-                layer.routing = saved[name]
-            self.config = saved_config
+            self._restore_routing(saved)
 
 
 def paper_head_bias(num_classes: int) -> float:
     """The paper's head bias init, -log(num_classes)."""
     return -math.log(num_classes)
+
+
+def ensemble_log_probs(logits: Tensor, ensemble_size: int) -> Tensor:
+    """E^3 evaluation (reference): (B*M, classes) member logits ->
+    (B, classes) log of the mean of the members' softmax probabilities."""
+    if ensemble_size == 1:
+        return torch.log_softmax(logits, dim=-1)
+    b = logits.shape[0] // ensemble_size
+    logp = torch.log_softmax(logits.float(), dim=-1).view(b, ensemble_size, -1)
+    return torch.logsumexp(logp, dim=1) - math.log(ensemble_size)

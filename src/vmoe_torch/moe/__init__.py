@@ -1,22 +1,28 @@
-"""Sparse mixture-of-experts: capacity, routing, dispatch, experts, layer.
+"""Mixture-of-experts: capacity, routing, routers, dispatch, experts, layer.
 
 Axis legend (every function here): G groups, S group size, E experts,
-C capacity, K selected experts per token, D hidden size.
+C capacity, K selected experts per token, D hidden size, p Soft MoE slots
+per expert, M ensemble members.
 """
 from .capacity import compute_capacity
-from .config import RoutingConfig
-from .dispatch import (EinsumDispatcher, ExpertChoiceDispatcher, IndexDispatcher,
-                       dense_combine_weights, routing_to_dense, top_items_to_dense)
+from .config import ROUTERS, RoutingConfig
+from .dispatch import (Bfloat16Dispatcher, Dispatcher, EinsumDispatcher, ExpertChoiceDispatcher,
+                       IndexDispatcher, SoftDispatcher, dense_combine_weights, routing_to_dense,
+                       top_items_to_dense)
 from .experts import Experts
 from .layer import MoeMlp, split_into_groups
+from .routers import ExpertChoiceRouter, Router, SoftRouter, TopExpertsRouter, build_router
 from .routing import (TopExpertsRouting, TopItemsRouting, gshard_loss, importance_loss,
                       load_loss, top_experts_per_item, top_items_metrics,
                       top_items_per_expert)
+from .soft import soft_num_slots, soft_router_logits, soft_weights
 
 __all__ = [
-    "compute_capacity", "RoutingConfig", "EinsumDispatcher", "ExpertChoiceDispatcher",
-    "IndexDispatcher", "dense_combine_weights", "routing_to_dense", "top_items_to_dense",
-    "Experts", "MoeMlp", "split_into_groups", "TopExpertsRouting", "TopItemsRouting",
-    "gshard_loss", "importance_loss", "load_loss", "top_experts_per_item",
-    "top_items_metrics", "top_items_per_expert",
+    "compute_capacity", "ROUTERS", "RoutingConfig", "Bfloat16Dispatcher", "Dispatcher",
+    "EinsumDispatcher", "ExpertChoiceDispatcher", "IndexDispatcher", "SoftDispatcher",
+    "dense_combine_weights", "routing_to_dense", "top_items_to_dense", "Experts", "MoeMlp",
+    "split_into_groups", "ExpertChoiceRouter", "Router", "SoftRouter", "TopExpertsRouter",
+    "build_router", "TopExpertsRouting", "TopItemsRouting", "gshard_loss", "importance_loss",
+    "load_loss", "top_experts_per_item", "top_items_metrics", "top_items_per_expert",
+    "soft_num_slots", "soft_router_logits", "soft_weights",
 ]

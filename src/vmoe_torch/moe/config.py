@@ -1,34 +1,47 @@
-"""Typed routing settings of one MoE layer."""
+"""Typed routing settings of one MoE layer: the one object that travels
+unchanged from a config file to the router that uses it."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-RouterName = Literal["top_experts", "expert_choice"]
+RouterName = Literal["top_experts", "expert_choice", "soft"]
+ROUTERS: tuple[str, ...] = ("top_experts", "expert_choice", "soft")
 
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """How one MoE layer routes its tokens. All of it may change at inference.
+    """How one MoE layer routes its tokens.
 
     Attributes:
       router: "top_experts" (reference NoisyTopExpertsPerItemRouter, the
-        paper's) or "expert_choice" (NoisyTopItemsPerExpertRouter).
+        paper's), "expert_choice" (NoisyTopItemsPerExpertRouter) or "soft"
+        (Soft MoE, the reference's `soft_moe.router.SoftRouter`).
       num_selected_experts: K, experts per token (top_experts only).
-      capacity_factor: C = capacity_factor * S * K / E (rounded, see
-        `compute_capacity`). Exactly one of this and `capacity` is set.
-      capacity: explicit per-group buffer size, used as is.
-      capacity_ceil_or_round: "ceil" or "round".
-      capacity_multiple_of: round C up to a multiple of this; None/0: don't.
-      batch_priority: Batch Priority Routing (sort tokens by priority).
+      capacity_factor: sparse routers: C = capacity_factor * S * K / E
+        (rounded, see `compute_capacity`); exactly one of this and `capacity`
+        is set. Soft: p = round(S * capacity_factor / E) slots per expert
+        unless `num_slots` is given.
+      capacity: explicit per-group buffer size C, used as is (sparse only).
+      num_slots: Soft MoE's explicit slots per expert p (then
+        `capacity_factor` is ignored, as in the reference).
+      capacity_ceil_or_round, capacity_multiple_of: rounding of C (sparse
+        only; Soft MoE always uses round() and no multiple, as the reference).
+      batch_priority: Batch Priority Routing (sparse top-K only).
       priority: BPR score: "max" (top gate, the paper's), "sum" of the top-K
         gates, or "random".
-      noise_std: router noise is N(0, (noise_std / E)^2) on the logits, in
-        training mode only.
+      noise_std: router noise in training mode. Top-K / expert choice add
+        N(0, (noise_std / E)^2) to the logits; Soft MoE adds N(0, noise_std^2).
+        None: the router's reference default (1.0 sparse, 0.0 soft).
       importance_loss_weight, load_loss_weight, gshard_loss_weight: weights
-        of the auxiliary losses; a loss with weight 0 is reported, not added.
+        of the top-K auxiliary losses; a loss with weight 0 is reported, not
+        added. Soft MoE and expert choice have no auxiliary loss.
       bfloat16_dispatch: round tokens entering and outputs leaving the
-        experts to bfloat16, as the reference's `dispatcher.bfloat16`.
+        experts to bfloat16 (the reference's `Bfloat16Dispatcher`). None: the
+        router's reference default (off for sparse routers, always on in
+        the reference's Soft MoE).
       ablate: return a zero MoE output (the residual alone), for analysis.
     """
 
@@ -36,38 +49,121 @@ class RoutingConfig:
     num_selected_experts: int = 1
     capacity_factor: Optional[float] = 1.05
     capacity: Optional[int] = None
+    num_slots: Optional[int] = None
     capacity_ceil_or_round: Literal["ceil", "round"] = "ceil"
     capacity_multiple_of: Optional[int] = 4
     batch_priority: bool = False
     priority: Literal["max", "sum", "random"] = "max"
-    noise_std: float = 1.0
+    noise_std: Optional[float] = None
     importance_loss_weight: float = 1.0
     load_loss_weight: float = 1.0
     gshard_loss_weight: float = 0.0
-    bfloat16_dispatch: bool = False
+    bfloat16_dispatch: Optional[bool] = None
     ablate: bool = False
 
+    # ------------------------------------------------------------- derived
+    @property
+    def is_soft(self) -> bool:
+        return self.router == "soft"
+
+    @property
+    def effective_noise_std(self) -> float:
+        if self.noise_std is not None:
+            return self.noise_std
+        return 0.0 if self.is_soft else 1.0
+
+    @property
+    def effective_bfloat16(self) -> bool:
+        if self.bfloat16_dispatch is not None:
+            return self.bfloat16_dispatch
+        return self.is_soft
+
+    # ------------------------------------------------------------- changes
+    def updated(self, **changes: Any) -> "RoutingConfig":
+        """A copy with `changes` applied, validated field by field.
+
+        The one place of the capacity rule: setting `capacity` clears
+        `capacity_factor` and vice versa (unless both are given, which is
+        then rejected by `validate`); setting `num_slots` is kept beside
+        `capacity_factor` (Soft MoE ignores the factor then).
+        """
+        fields = {f.name for f in dataclasses.fields(RoutingConfig)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise ValueError(f"Unknown routing setting(s) {unknown}; valid: {sorted(fields)}.")
+        changes = dict(changes)
+        if changes.get("capacity") is not None and "capacity_factor" not in changes:
+            changes["capacity_factor"] = None
+        if changes.get("capacity_factor") is not None and "capacity" not in changes:
+            changes["capacity"] = None
+        return dataclasses.replace(self, **changes)
+
+    # ---------------------------------------------------------- validation
     def validate(self, num_experts: int) -> None:
         """Raises ValueError naming the problem and the fix."""
-        if self.router not in ("top_experts", "expert_choice"):
-            raise ValueError(f"Unknown router {self.router!r}: use 'top_experts' or 'expert_choice'.")
-        k = self.num_selected_experts
-        if not 1 <= k <= num_experts:
-            raise ValueError(
-                f"num_selected_experts (K) must be in [1, num_experts={num_experts}], got "
-                f"K={k}. Choose K <= E.")
-        if (self.capacity is None) == (self.capacity_factor is None):
-            raise ValueError(
-                "Set exactly one of capacity and capacity_factor, got "
-                f"capacity={self.capacity!r}, capacity_factor={self.capacity_factor!r}.")
-        if self.capacity is not None and self.capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {self.capacity}.")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}.")
+        if self.router not in ROUTERS:
+            raise ValueError(f"Unknown router {self.router!r}: use one of {list(ROUTERS)}.")
+        _check_type("num_selected_experts", self.num_selected_experts, int)
+        for name in ("batch_priority", "ablate"):
+            _check_type(name, getattr(self, name), bool)
+        if self.bfloat16_dispatch is not None:
+            _check_type("bfloat16_dispatch", self.bfloat16_dispatch, bool)
+        if self.capacity_factor is not None:
+            _check_type("capacity_factor", self.capacity_factor, float)
+            if not (math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
+                raise ValueError(
+                    f"capacity_factor must be a finite number > 0, got {self.capacity_factor}. "
+                    "For no dropping at all use a large factor (e.g. E / K) or Soft MoE.")
         if self.capacity_ceil_or_round not in ("ceil", "round"):
             raise ValueError(
                 f"capacity_ceil_or_round must be 'ceil' or 'round', got {self.capacity_ceil_or_round!r}.")
         if self.priority not in ("max", "sum", "random"):
             raise ValueError(f"priority must be 'max', 'sum' or 'random', got {self.priority!r}.")
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}.")
+        if self.noise_std is not None:
+            _check_type("noise_std", self.noise_std, float)
+            if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
+                raise ValueError(f"noise_std must be finite and >= 0, got {self.noise_std}.")
+        if self.is_soft:
+            self._validate_soft()
+        else:
+            self._validate_sparse(num_experts)
+
+    def _validate_sparse(self, num_experts: int) -> None:
+        k = self.num_selected_experts
+        if not 1 <= k <= num_experts:
+            raise ValueError(
+                f"num_selected_experts (K) must be in [1, num_experts={num_experts}], got "
+                f"K={k}. Choose K <= E.")
+        if self.num_slots is not None:
+            raise ValueError(f"num_slots is a Soft MoE setting; router {self.router!r} uses "
+                             "capacity or capacity_factor.")
+        if (self.capacity is None) == (self.capacity_factor is None):
+            raise ValueError(
+                "Set exactly one of capacity and capacity_factor, got "
+                f"capacity={self.capacity!r}, capacity_factor={self.capacity_factor!r}.")
+        if self.capacity is not None:
+            _check_type("capacity", self.capacity, int)
+            if self.capacity < 1:
+                raise ValueError(f"capacity must be >= 1, got {self.capacity}.")
+
+    def _validate_soft(self) -> None:
+        if self.capacity is not None:
+            raise ValueError("Soft MoE has slots, not a capacity: set num_slots (slots per "
+                             "expert) or capacity_factor, not capacity.")
+        if self.batch_priority:
+            raise ValueError("Soft MoE drops no token, so Batch Priority Routing does not "
+                             "apply: set batch_priority=False.")
+        if self.num_slots is None and self.capacity_factor is None:
+            raise ValueError("Soft MoE needs num_slots or capacity_factor to size its slots.")
+        if self.num_slots is not None:
+            _check_type("num_slots", self.num_slots, int)
+            if self.num_slots < 1:
+                raise ValueError(f"num_slots must be >= 1, got {self.num_slots}.")
+
+
+def _check_type(name: str, value: Any, tp: type) -> None:
+    ok = isinstance(value, tp) and not isinstance(value, bool) if tp is not bool else isinstance(value, bool)
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ValueError(f"{name} must be {tp.__name__}, got {value!r} ({type(value).__name__}).")

@@ -1,5 +1,7 @@
 """Dispatchers: move tokens (G, S, D) into expert buffers (E, G*C, D) and
-combine expert outputs back (reference `BaseDispatcher` contract).
+combine expert outputs back (reference `BaseDispatcher` contract). Every
+router returns one of these; `MoeMlp` only ever calls `dispatch` and
+`combine`.
 
 The fast path (`IndexDispatcher`, `ExpertChoiceDispatcher`) builds a
 token<->slot plan once per layer and uses index gathers only. The einsum
@@ -12,16 +14,45 @@ Axis legend: see `vmoe_torch.moe.routing`.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
 from .routing import TopExpertsRouting, TopItemsRouting, top_experts_per_item
 
 
+class Dispatcher(Protocol):
+    """What a router hands to the experts (reference `BaseDispatcher`)."""
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        """(G, S, D) -> (E, G*C, D) expert buffers."""
+        ...
+
+    def combine(self, y: Tensor) -> Tensor:
+        """(E, G*C, D) expert outputs -> (G, S, D)."""
+        ...
+
+
 def round_to_bfloat16(x: Tensor) -> Tensor:
     """Rounds float values to bfloat16 precision (round-to-nearest-even) and
     back to the input dtype, as the reference's `Bfloat16Dispatcher` does."""
     return x.to(torch.bfloat16).to(x.dtype) if x.is_floating_point() else x
+
+
+class Bfloat16Dispatcher:
+    """Wraps any dispatcher: tokens are rounded to bfloat16 before they are
+    dispatched and expert outputs before they are combined; the combine
+    weights and sums keep the input dtype (reference `Bfloat16Dispatcher`)."""
+
+    def __init__(self, inner: Dispatcher) -> None:
+        self.inner = inner
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        return self.inner.dispatch(round_to_bfloat16(x))
+
+    def combine(self, y: Tensor) -> Tensor:
+        return self.inner.combine(round_to_bfloat16(y))
 
 
 class IndexDispatcher:
@@ -32,13 +63,13 @@ class IndexDispatcher:
     dropped choice contributes exactly zero.
     """
 
-    def __init__(self, routing: TopExpertsRouting, bfloat16: bool = False) -> None:
+    def __init__(self, routing: TopExpertsRouting) -> None:
         groups, group_size, k = routing.expert_index.shape
         capacity, num_experts = routing.capacity, routing.num_experts
         device = routing.expert_index.device
         self.groups, self.group_size, self.k = groups, group_size, k
         self.num_experts, self.capacity = num_experts, capacity
-        self.bfloat16 = bfloat16
+        self.plan = routing
         kept = routing.kept                                               # (G, S, K)
         group_offset = torch.arange(groups, device=device).view(groups, 1, 1) * capacity
         slot = routing.expert_index * (groups * capacity) + group_offset + routing.buffer_index
@@ -57,8 +88,6 @@ class IndexDispatcher:
     def dispatch(self, x: Tensor) -> Tensor:
         """(G, S, D) -> (E, G*C, D); empty slots hold zeros."""
         dim = x.shape[-1]
-        if self.bfloat16:
-            x = round_to_bfloat16(x)
         x = x.reshape(-1, dim)
         x = torch.cat([x, x.new_zeros(1, dim)])
         return x.index_select(0, self.slot_token).view(
@@ -67,8 +96,6 @@ class IndexDispatcher:
     def combine(self, y: Tensor) -> Tensor:
         """(E, G*C, D) -> (G, S, D), the gate-weighted sum over kept choices."""
         dim = y.shape[-1]
-        if self.bfloat16:
-            y = round_to_bfloat16(y)
         gathered = y.reshape(-1, dim).index_select(0, self.token_slot)
         gathered = gathered.view(self.groups * self.group_size, self.k, dim)
         w = self.weights.reshape(-1, self.k, 1).to(gathered.dtype)
@@ -83,10 +110,10 @@ class ExpertChoiceDispatcher:
     """Gather/scatter-add dispatcher for expert-choice routing: an item may
     sit in any number of experts' buffers (or none)."""
 
-    def __init__(self, routing: TopItemsRouting, group_size: int, bfloat16: bool = False) -> None:
+    def __init__(self, routing: TopItemsRouting, group_size: int) -> None:
         groups, num_experts, capacity = routing.item_index.shape
         self.groups, self.group_size = groups, group_size
-        self.num_experts, self.capacity, self.bfloat16 = num_experts, capacity, bfloat16
+        self.num_experts, self.capacity = num_experts, capacity
         offset = torch.arange(groups, device=routing.item_index.device).view(groups, 1, 1)
         tokens = routing.item_index + offset * group_size                 # (G, E, C)
         self.slot_token = tokens.transpose(0, 1).reshape(-1)              # (E*G*C,)
@@ -95,16 +122,12 @@ class ExpertChoiceDispatcher:
     def dispatch(self, x: Tensor) -> Tensor:
         """(G, S, D) -> (E, G*C, D)."""
         dim = x.shape[-1]
-        if self.bfloat16:
-            x = round_to_bfloat16(x)
         return x.reshape(-1, dim).index_select(0, self.slot_token).view(
             self.num_experts, self.groups * self.capacity, dim)
 
     def combine(self, y: Tensor) -> Tensor:
         """(E, G*C, D) -> (G, S, D)."""
         dim = y.shape[-1]
-        if self.bfloat16:
-            y = round_to_bfloat16(y)
         y = y.reshape(-1, dim) * self.slot_weight.to(y.dtype).unsqueeze(-1)
         out = y.new_zeros(self.groups * self.group_size, dim)
         out = out.index_add(0, self.slot_token, y)
@@ -144,24 +167,52 @@ def top_items_to_dense(routing: TopItemsRouting, gates: Tensor) -> Tensor:
 class EinsumDispatcher:
     """The reference's readable dispatcher: (G, S, E, C) one-hot einsums."""
 
-    def __init__(self, combine_weights: Tensor, dispatch_mask: Tensor | None = None,
-                 bfloat16: bool = False) -> None:
+    def __init__(self, combine_weights: Tensor, dispatch_mask: Tensor | None = None) -> None:
         self.combine_weights = combine_weights                           # (G, S, E, C)
         self.dispatch_mask = combine_weights > 0 if dispatch_mask is None else dispatch_mask
-        self.bfloat16 = bfloat16
 
     def dispatch(self, x: Tensor) -> Tensor:
         """(G, S, D) -> (E, G*C, D)."""
-        if self.bfloat16:
-            x = round_to_bfloat16(x)
         groups, _, num_experts, capacity = self.combine_weights.shape
         buf = torch.einsum("gsec,gsd->egcd", self.dispatch_mask.to(x.dtype), x)
         return buf.reshape(num_experts, groups * capacity, x.shape[-1])
 
     def combine(self, y: Tensor) -> Tensor:
         """(E, G*C, D) -> (G, S, D)."""
-        if self.bfloat16:
-            y = round_to_bfloat16(y)
         groups, _, num_experts, capacity = self.combine_weights.shape
         y = y.view(num_experts, groups, capacity, y.shape[-1])
         return torch.einsum("gsec,egcd->gsd", self.combine_weights.to(y.dtype), y)
+
+
+class SoftDispatcher:
+    """Soft MoE (arXiv 2308.00951, Eqs. 1-3): every slot is a convex mix of
+    its group's tokens and every token a convex mix of all slot outputs.
+
+    Both directions are one batched matmul per group; nothing is gathered or
+    dropped. Buffer layout as for the sparse dispatchers: row `g*p + s` of
+    expert n holds group g's slot s (so C = p).
+
+    Args:
+      dispatch_weights: (G, S, E, p), softmax over S.
+      combine_weights: (G, S, E, p), softmax over (E, p).
+    """
+
+    def __init__(self, dispatch_weights: Tensor, combine_weights: Tensor) -> None:
+        groups, group_size, num_experts, slots = dispatch_weights.shape
+        self.groups, self.num_experts, self.slots = groups, num_experts, slots
+        self.dispatch_weights = dispatch_weights.reshape(groups, group_size, num_experts * slots)
+        self.combine_weights = combine_weights.reshape(groups, group_size, num_experts * slots)
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        """(G, S, D) -> (E, G*p, D): X[n, g*p + s] = sum_i D[g, i, n, s] x[g, i]."""
+        dim = x.shape[-1]
+        slots = torch.bmm(self.dispatch_weights.transpose(1, 2).to(x.dtype), x)  # (G, E*p, D)
+        slots = slots.view(self.groups, self.num_experts, self.slots, dim).transpose(0, 1)
+        return slots.reshape(self.num_experts, self.groups * self.slots, dim)
+
+    def combine(self, y: Tensor) -> Tensor:
+        """(E, G*p, D) -> (G, S, D): y[g, i] = sum_(n,s) Cw[g, i, n, s] Y[n, g*p + s]."""
+        dim = y.shape[-1]
+        y = y.view(self.num_experts, self.groups, self.slots, dim).transpose(0, 1)
+        y = y.reshape(self.groups, self.num_experts * self.slots, dim)
+        return torch.bmm(self.combine_weights.to(y.dtype), y)

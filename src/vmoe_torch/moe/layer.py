@@ -4,20 +4,14 @@ Axis legend: see `vmoe_torch.moe.routing`.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.init import lecun_normal_
-from .capacity import compute_capacity
 from .config import RoutingConfig
-from .dispatch import EinsumDispatcher, ExpertChoiceDispatcher, IndexDispatcher, routing_to_dense
 from .experts import Experts
-from .routing import (gshard_loss, importance_loss, load_loss, top_experts_per_item,
-                      top_items_metrics, top_items_per_expert)
+from .routers import DISPATCH_IMPLS, Router, SoftRouter, TopExpertsRouter, _GatingRouter, build_router
 
 Metrics = dict[str, Tensor]
 
@@ -51,7 +45,7 @@ def split_into_groups(num_tokens: int, group_size: Optional[int]) -> list[tuple[
 
 
 class MoeMlp(nn.Module):
-    """Sparse mixture of E expert MLPs with a noisy top-K router.
+    """Mixture of E expert MLPs behind a router (top-K, expert choice or Soft).
 
     `forward(x)` takes (B, N, D) and returns `(y, metrics)`: y (B, N, D) is
     the MoE output WITHOUT the residual (like the reference's MlpMoeBlock);
@@ -60,36 +54,34 @@ class MoeMlp(nn.Module):
 
     Args:
       dim: D. mlp_dim: hidden size H of each expert. num_experts: E.
+      routing: the layer's `RoutingConfig` (default: `RoutingConfig()`).
       group_size: tokens per routing group (None: the whole batch is one group).
       dropout_rate: dropout inside the experts.
-      **routing: any `RoutingConfig` field (num_selected_experts,
-        capacity_factor, capacity, batch_priority, noise_std, ...).
+      ensemble_size: M > 1 makes this an E^3 layer: its input is (B*M, N, D),
+        row b*M + m being image b for member m; inside, tokens are laid out
+        (B, N, M) so that members alternate fastest in every group (the
+        reference's layout), and member m routes only among its E/M experts.
+      **routing_changes: any `RoutingConfig` field, applied on top of
+        `routing` (num_selected_experts, capacity_factor, batch_priority, ...).
     """
 
     def __init__(self, dim: int, mlp_dim: int, num_experts: int,
-                 num_selected_experts: int = 1, capacity_factor: Optional[float] = 1.05,
-                 group_size: Optional[int] = None, batch_priority: bool = False,
-                 noise_std: float = 1.0, dropout_rate: float = 0.0,
-                 **routing: Any) -> None:
+                 routing: Optional[RoutingConfig] = None, *, group_size: Optional[int] = None,
+                 dropout_rate: float = 0.0, ensemble_size: int = 1, **routing_changes: Any) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
         if group_size is not None and group_size < 1:
             raise ValueError(f"group_size must be >= 1 token, got {group_size}.")
-        if routing.get("capacity") is not None and "capacity_factor" not in routing:
-            capacity_factor = None
+        config = (routing or RoutingConfig()).updated(**routing_changes)
         self.dim, self.num_experts, self.group_size = dim, num_experts, group_size
-        self.routing = self._checked(RoutingConfig(), dict(
-            num_selected_experts=num_selected_experts, capacity_factor=capacity_factor,
-            batch_priority=batch_priority, noise_std=noise_std, **routing))
-        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.ensemble_size = ensemble_size
+        self.router: Router = build_router(dim, num_experts, config, group_size, ensemble_size)
         self.experts = Experts(num_experts, dim, mlp_dim, dropout_rate)
         self.generator: Optional[torch.Generator] = None
-        # "index" (gather/gather, the fast path) or "einsum" (the reference's
-        # dense (G, S, E, C) dispatch, kept for comparison and debugging).
-        self.dispatch_impl = "index"
-        # Analysis hook: when a list, each routed run appends its (detached)
-        # routing plan: expert_index, buffer_index, top gates, capacity.
+        # Analysis hook: when a list, each routed run of a top-K router
+        # appends its (detached) routing plan: expert_index, buffer_index,
+        # top gates, capacity.
         self.recorded: Optional[list[dict[str, Tensor]]] = None
         # Per-group router noise: when `noise_seed` is set, group g's draw is
         # seeded by (noise_seed, global index of g). With expert parallelism,
@@ -97,53 +89,93 @@ class MoeMlp(nn.Module):
         # noise does not depend on the number of processes.
         self.noise_seed: Optional[int] = None
         self.rank = 0
-        lecun_normal_(self.router.weight, dim)  # flax Dense default
 
-    def _checked(self, base: RoutingConfig, changes: dict[str, Any]) -> RoutingConfig:
-        fields = {f.name for f in dataclasses.fields(RoutingConfig)}
-        unknown = sorted(set(changes) - fields)
-        if unknown:
-            raise ValueError(f"Unknown routing setting(s) {unknown}; valid: {sorted(fields)}.")
-        if changes.get("capacity") is not None and "capacity_factor" not in changes:
-            changes["capacity_factor"] = None
-        if changes.get("capacity_factor") is not None and "capacity" not in changes:
-            changes["capacity"] = None
-        cfg = dataclasses.replace(base, **changes)
-        cfg.validate(self.num_experts)
-        return cfg
+    # ------------------------------------------------------------ routing
+    @property
+    def routing(self) -> RoutingConfig:
+        """The settings the router runs with (the only copy)."""
+        return self.router.config
+
+    @routing.setter
+    def routing(self, config: RoutingConfig) -> None:
+        self.apply_routing(config)
 
     def set_routing(self, **changes: Any) -> None:
-        """Changes routing settings in place (K, capacity, BPR, ...)."""
-        self.routing = self._checked(self.routing, changes)
+        """Changes routing settings in place (K, capacity, BPR, router, ...)."""
+        self.apply_routing(self.routing.updated(**changes))
+
+    def apply_routing(self, config: RoutingConfig) -> None:
+        """Runs the layer with `config` from now on. Top-K and expert choice
+        share the gating matrix, so either may replace the other; Soft MoE's
+        parameters (and its slot count) are fixed by training."""
+        config.validate(self.num_experts)
+        current = self.router
+        if config.router == current.kind:
+            if isinstance(current, SoftRouter):
+                slots = SoftRouter.slots_for(config, self.group_size, self.num_experts)
+                if slots != current.num_slots:
+                    raise ValueError(
+                        f"Soft MoE's slot count is fixed by its parameters mu (D, E, p={current.num_slots}); "
+                        f"these settings give p={slots}. Keep num_slots / capacity_factor.")
+            if isinstance(current, TopExpertsRouter):
+                current.check_k(config)
+            current.config = config
+            return
+        if isinstance(current, _GatingRouter) and config.router != "soft":
+            new = build_router(self.dim, self.num_experts, config, self.group_size, self.ensemble_size)
+            assert isinstance(new, _GatingRouter)
+            new.take_parameters(current)
+            new.train(self.training)
+            self.router = new
+            return
+        raise ValueError(f"Cannot switch router {current.kind!r} -> {config.router!r}: their "
+                         "parameters differ (Soft MoE has slot parameters, the sparse routers a "
+                         "gating matrix). Build a new model, or upcycle.")
+
+    @property
+    def dispatch_impl(self) -> str:
+        """"index" (gather/gather, the fast path) or "einsum" (the reference's
+        dense (G, S, E, C) dispatch, kept for comparison and debugging)."""
+        return getattr(self.router, "dispatch_impl", "einsum")
+
+    @dispatch_impl.setter
+    def dispatch_impl(self, name: str) -> None:
+        if name not in DISPATCH_IMPLS:
+            raise ValueError(f"Unknown dispatch_impl {name!r}; valid: {list(DISPATCH_IMPLS)}.")
+        if isinstance(self.router, _GatingRouter):
+            self.router.dispatch_impl = name
 
     def capacity_for(self, group_size: int) -> int:
-        """C for a group of `group_size` tokens under the current settings."""
-        r = self.routing
-        if r.capacity is not None:
-            return r.capacity
-        k = 1 if r.router == "expert_choice" else r.num_selected_experts
-        return compute_capacity(group_size * k, self.num_experts, r.capacity_factor,
-                                r.capacity_ceil_or_round, r.capacity_multiple_of)
+        """C for a group of `group_size` tokens (Soft MoE: its p slots)."""
+        return self.router.capacity(group_size)
 
     def router_logits(self, x: Tensor) -> Tensor:
-        """(G, S, D) -> (G, S, E) in float32, outside autocast: routing
-        decisions (ties, orderings) are fragile in bfloat16."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.router.weight.float())
+        """(G, S, D) -> (G, S, E) float32 logits of a sparse router."""
+        if not isinstance(self.router, _GatingRouter):
+            raise ValueError("router_logits is defined for the sparse routers; Soft MoE's "
+                             "logits are (G, S, E, p): see vmoe_torch.moe.soft.")
+        return self.router.logits(x)
 
+    # ------------------------------------------------------------ forward
     def forward(self, x: Tensor, noise: Optional[Tensor] = None) -> tuple[Tensor, Metrics]:
         """(B, N, D) -> ((B, N, D), metrics).
 
         Args:
-          noise: optional (G_total, S, E) standard-normal draw for the router
-            in training mode, one row block per routing group (see
-            `split_into_groups`); a smaller last group reads the first rows
-            of its block. Without it the draw comes from `self.generator` or
-            torch's global RNG.
+          noise: optional standard-normal draw for the router in training
+            mode, one row block per routing group (see `split_into_groups`):
+            (G_total, S, E) for top-K and expert choice, (G_total, S, E/M)
+            for an E^3 router, (G_total, S, E, p) for Soft MoE; a smaller
+            last group reads the first rows of its block. Without it the
+            draw comes from `self.generator` or torch's global RNG.
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MoeMlp expects (B, N, {self.dim}), got {tuple(x.shape)}.")
         batch, seq, dim = x.shape
+        m = self.ensemble_size
+        if batch % m:
+            raise ValueError(f"An E^3 layer with ensemble_size={m} needs B*M rows, got {batch}.")
+        if m > 1:  # (B*M, N, D) -> (B, N, M, D): members alternate fastest
+            x = x.view(batch // m, m, seq, dim).transpose(1, 2)
         tokens = x.reshape(batch * seq, dim)
         outs: list[Tensor] = []
         per_run: list[Metrics] = []
@@ -156,104 +188,57 @@ class MoeMlp(nn.Module):
                 run_noise = noise[g_seen:g_seen + groups, :size]
             elif self.training and self.noise_seed is not None:
                 run_noise = self.group_noise(g_seen, groups, size, x.device)
-            y, m = self._route_groups(xg, run_noise)
+            y, metrics = self._route(xg, run_noise)
             outs.append(y.reshape(groups * size, dim))
-            per_run.append(m)
+            per_run.append(metrics)
             g_seen += groups
         y = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return y.view(batch, seq, dim), _merge_runs(per_run)
+        if m > 1:
+            y = y.view(batch // m, seq, m, dim).transpose(1, 2)
+        return y.reshape(batch, seq, dim), _merge_runs(per_run)
 
-    def group_noise(self, first_group: int, groups: int, size: int, device) -> Tensor:
-        """(groups, size, E) standard-normal draws, one seeded stream per global group."""
-        draws = [torch.randn(size, self.num_experts, generator=torch.Generator().manual_seed(
+    def group_noise(self, first_group: int, groups: int, size: int, device: torch.device) -> Tensor:
+        """One seeded standard-normal stream per global group, stacked."""
+        shape = self.router.noise_shape(1, size)[1:]
+        assert self.noise_seed is not None
+        draws = [torch.randn(shape, generator=torch.Generator().manual_seed(
             self.noise_seed * 1_000_003 + first_group + g)) for g in range(groups)]
         return torch.stack(draws).to(device)
 
-    def _route_groups(self, x: Tensor, noise: Optional[Tensor]) -> tuple[Tensor, Metrics]:
-        r = self.routing
-        groups, size, _ = x.shape
-        if r.ablate:
-            zero = x.new_zeros(groups)
-            return torch.zeros_like(x), {"auxiliary_loss_per_group": zero}
-        logits = self.router_logits(x)                                 # (G, S, E)
-        gates = torch.softmax(logits, dim=-1)
-        metrics: Metrics = {}
-        noisy = self.training and r.noise_std > 0
-        if noisy:
-            std = r.noise_std / self.num_experts
-            if noise is None:
-                noise = torch.randn(logits.shape, generator=self.generator,
-                                    device=logits.device, dtype=logits.dtype)
-            elif noise.shape != logits.shape:
-                raise ValueError(f"Router noise must have shape {tuple(logits.shape)}, "
-                                 f"got {tuple(noise.shape)}.")
-            noisy_logits = logits + std * noise.to(logits)
-            gates_dispatch = torch.softmax(noisy_logits, dim=-1)
-        else:
-            gates_dispatch = gates
-        capacity = self.capacity_for(size)
-        if r.router == "expert_choice":
-            routing = top_items_per_expert(gates_dispatch, capacity)
-            dispatcher = ExpertChoiceDispatcher(routing, size, r.bfloat16_dispatch)
-            metrics.update(top_items_metrics(routing, size))
-            metrics["auxiliary_loss_per_group"] = x.new_zeros(groups, dtype=torch.float32)
-        else:
-            routing = top_experts_per_item(gates_dispatch, r.num_selected_experts, capacity,
-                                           r.batch_priority, r.priority, self.generator)
-            if self.dispatch_impl == "einsum":
-                dispatcher = EinsumDispatcher(routing_to_dense(routing, gates_dispatch),
-                                              bfloat16=r.bfloat16_dispatch)
-            else:
-                dispatcher = IndexDispatcher(routing, r.bfloat16_dispatch)
-            losses = {"importance_loss": (r.importance_loss_weight, importance_loss(gates)),
-                      "gshard_loss": (r.gshard_loss_weight, gshard_loss(gates_dispatch))}
-            if noisy:
-                losses["load_loss"] = (r.load_loss_weight, load_loss(
-                    logits, noisy_logits, r.noise_std / self.num_experts, r.num_selected_experts))
-            aux = x.new_zeros(groups, dtype=torch.float32)
-            for name, (weight, value) in losses.items():
-                metrics[name] = value
-                if weight > 0:
-                    aux = aux + weight * value
-            metrics["auxiliary_loss_per_group"] = aux
-            metrics.update(_routing_stats(routing, self.num_experts))
-            if self.recorded is not None:
-                self.recorded.append({"expert_index": routing.expert_index.detach().cpu(),
-                                      "buffer_index": routing.buffer_index.detach().cpu(),
-                                      "gates": routing.combine_weights.detach().float().cpu(),
-                                      "capacity": torch.tensor(capacity)})
-        metrics["capacity"] = torch.tensor(capacity)
+    def _route(self, x: Tensor, noise: Optional[Tensor]) -> tuple[Tensor, Metrics]:
+        """(G, S, D) -> ((G, S, D), metrics): router -> experts -> combine."""
+        if self.routing.ablate:
+            return torch.zeros_like(x), {"auxiliary_loss_per_group": x.new_zeros(x.shape[0])}
+        dispatcher, metrics = self.router(x, noise, self.generator)
         y = dispatcher.combine(self.experts(dispatcher.dispatch(x)))
+        if self.recorded is not None:
+            self._record(dispatcher)
         return y.to(x.dtype), metrics
 
-
-@torch.no_grad()
-def _routing_stats(routing, num_experts: int) -> Metrics:
-    """Per-group (G,) statistics of a top-K routing plan (detached)."""
-    kept = routing.kept                                                  # (G, S, K)
-    groups, size, k = kept.shape
-    load = torch.zeros(groups, num_experts, device=kept.device)
-    load.scatter_add_(1, routing.expert_index.reshape(groups, -1),
-                      torch.ones(groups, size * k, device=kept.device))
-    top = routing.combine_weights[..., 0].float()
-    return {
-        "dropped_fraction": 1.0 - kept.float().mean(dim=(1, 2)),
-        "no_expert_fraction": (~kept.any(-1)).float().mean(1),
-        "expert_load": load / (size * k),
-        "top_gate_mean": top.mean(1),
-        "top_gate_min": top.min(1).values,
-    }
+    def _record(self, dispatcher: Any) -> None:
+        plan = getattr(getattr(dispatcher, "inner", dispatcher), "plan", None)
+        if plan is None:
+            return
+        self.recorded.append({"expert_index": plan.expert_index.detach().cpu(),  # type: ignore[union-attr]
+                              "buffer_index": plan.buffer_index.detach().cpu(),
+                              "gates": plan.combine_weights.detach().float().cpu(),
+                              "capacity": torch.tensor(plan.capacity)})
 
 
 def _merge_runs(runs: list[Metrics]) -> Metrics:
     """Concatenates per-group metrics of the full groups and the remainder
-    group; `auxiliary_loss` is the mean over ALL groups."""
+    group; 0-dim metrics (Soft MoE's) are averaged over the runs; the
+    capacity is the largest; `auxiliary_loss` is the mean over ALL groups."""
     merged: Metrics = {}
     for key in runs[0]:
         values = [m[key] for m in runs if key in m]
-        if key == "capacity":
-            merged[key] = values[0] if len(values) == 1 else torch.stack(values).max()
+        if len(values) == 1:
+            merged[key] = values[0]
+        elif key == "capacity":
+            merged[key] = torch.stack(values).max()
+        elif values[0].dim() == 0:
+            merged[key] = torch.stack(values).mean()
         else:
-            merged[key] = values[0] if len(values) == 1 else torch.cat(values)
+            merged[key] = torch.cat(values)
     merged["auxiliary_loss"] = merged["auxiliary_loss_per_group"].mean()
     return merged
