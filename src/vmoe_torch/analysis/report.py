@@ -23,6 +23,7 @@ import torch
 
 from ..data.pipeline import eval_batches, to_model_range
 from ..evaluate.classification import routing_grid
+from ..models.ensemble import ensemble_log_probs
 from ..utils.io import atomic_write_json, atomic_write_text
 from . import plots
 from .stats import (accuracy_by_group_position, class_expert_counts, expert_load, flatten_runs,
@@ -55,7 +56,8 @@ def _pass(model, ds, batch_size: int, record: bool = False):
     preds, labels = [], []
     with _Recorder(model) if record else _NullCtx() as rec:
         for images, y in eval_batches(ds, batch_size):
-            preds.append(model(to_model_range(images.to(device))).argmax(-1).cpu())
+            logits = model(to_model_range(images.to(device)))
+            preds.append(ensemble_log_probs(logits, model.ensemble_size).argmax(-1).cpu())
             labels.append(y)
     return torch.cat(preds).numpy(), torch.cat(labels).numpy(), rec
 

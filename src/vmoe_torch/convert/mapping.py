@@ -9,6 +9,9 @@ rules (the Flax -> PyTorch transposes):
   attention out kernel (heads, hd, D)     -> proj.weight (D, heads*hd)
   expert kernels (E, in, out)             -> kept as is (batched matmul layout)
   router kernel (D, E)                    -> router.weight (E, D)
+  E^3 router kernel (D, M, E/M)           -> router.weight (E, D), member m's
+                                             experts in rows m*E/M ...
+  Soft MoE Router/mu (D, E, p), scale ()  -> router.mu, router.scale (as is)
 """
 from __future__ import annotations
 
@@ -34,6 +37,10 @@ def _attn_in_b(a: Array) -> Array:          # (h, hd) -> (h*hd,)
 
 def _attn_out_w(a: Array) -> Array:         # (h, hd, D) -> (D, h*hd)
     return a.reshape(-1, a.shape[-1]).T
+
+
+def _router_w(a: Array) -> Array:          # (D, E) or (D, M, E/M) -> (E, D)
+    return a.reshape(a.shape[0], -1).T
 
 
 def _conv_w(a: Array) -> Array:             # HWIO -> OIHW
@@ -78,7 +85,9 @@ def _rules() -> list[Rule]:
     for dense, w, b in (("Dense_0", "w1", "b1"), ("Dense_1", "w2", "b2")):
         rules.append((rf"{blk}/Moe/Mlp/{dense}/kernel", rf"blocks.\1.mlp.experts.{w}", _same, None))
         rules.append((rf"{blk}/Moe/Mlp/{dense}/bias", rf"blocks.\1.mlp.experts.{b}", _same, None))
-    rules.append((rf"{blk}/Moe/Router/dense/kernel", r"blocks.\1.mlp.router.weight", _dense_w, None))
+    rules.append((rf"{blk}/Moe/Router/dense/kernel", r"blocks.\1.mlp.router.weight", _router_w, None))
+    rules.append((rf"{blk}/Moe/Router/mu", r"blocks.\1.mlp.router.mu", _same, None))
+    rules.append((rf"{blk}/Moe/Router/scale", r"blocks.\1.mlp.router.scale", _same, None))
     mh = "MapHead/MultiHeadDotProductAttention"
     rules.append((rf"{mh}/query/kernel", "map_head.attn.q.weight", _attn_in_w, None))
     rules.append((rf"{mh}/query/bias", "map_head.attn.q.bias", _attn_in_b, None))
@@ -104,7 +113,9 @@ def map_reference_name(name: str, arr: Array) -> Optional[tuple[str, Array, Opti
     for pattern, dst, f, part in RULES:
         m = pattern.match(name)
         if m:
-            return m.expand(dst), np.ascontiguousarray(f(np.asarray(arr))), part
+            out = f(np.asarray(arr))
+            # ascontiguousarray turns 0-d arrays (Soft MoE's scale) into 1-d ones.
+            return m.expand(dst), np.ascontiguousarray(out).reshape(out.shape), part
     return None
 
 
@@ -139,8 +150,10 @@ def reference_to_torch(params: dict[str, Array]) -> dict[str, Array]:
     return out
 
 
-def torch_to_reference(state: dict[str, Array], num_heads: int) -> dict[str, Array]:
-    """Inverse of `reference_to_torch` (for exporting to the native format)."""
+def torch_to_reference(state: dict[str, Array], num_heads: int,
+                       ensemble_size: int = 1) -> dict[str, Array]:
+    """Inverse of `reference_to_torch` (for exporting to the native format);
+    `ensemble_size` M > 1 writes E^3 router kernels as (D, M, E/M)."""
     out: dict[str, Array] = {}
     used = set()
     for pattern, dst, f, part in RULES:
@@ -154,7 +167,7 @@ def torch_to_reference(state: dict[str, Array], num_heads: int) -> dict[str, Arr
             if part is not None:
                 value = np.split(value, part[1], axis=0)[part[0]]
             src = src_template.replace(r"(\d+)", m.group(1)) if m.groups() else src_template
-            out[src] = _invert(f, value, num_heads, src)
+            out[src] = _invert(f, value, num_heads, src, ensemble_size)
             used.add(name)
     missing = sorted(set(state) - used)
     if missing:
@@ -162,9 +175,13 @@ def torch_to_reference(state: dict[str, Array], num_heads: int) -> dict[str, Arr
     return out
 
 
-def _invert(f: Callable[[Array], Array], a: Array, num_heads: int, name: str) -> Array:
+def _invert(f: Callable[[Array], Array], a: Array, num_heads: int, name: str,
+            ensemble_size: int = 1) -> Array:
     if f is _same:
         return a
+    if f is _router_w:                      # (E, D) -> (D, E) or (D, M, E/M)
+        kernel = np.ascontiguousarray(a.T)
+        return kernel if ensemble_size == 1 else kernel.reshape(a.shape[1], ensemble_size, -1)
     if f is _dense_w:
         return np.ascontiguousarray(a.T)
     if f is _conv_w:

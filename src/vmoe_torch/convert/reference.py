@@ -16,11 +16,15 @@ from .reference_config import config_from_reference, config_to_reference
 
 
 def load_reference_config(path: str) -> dict[str, Any]:
-    """Reads a fixture-style config.json (with `constructor_kwargs`) or a
-    plain kwargs JSON."""
+    """Reads a fixture-style config.json (with `constructor_kwargs` and
+    `model_class`) or a plain kwargs JSON; the model class, when given,
+    travels as the kwargs' `name` (as in vmoe's configs)."""
     with open(path) as f:
         data = json.load(f)
-    return data.get("constructor_kwargs", data)
+    kwargs = dict(data.get("constructor_kwargs", data))
+    if "model_class" in data and "name" not in kwargs:
+        kwargs["name"] = data["model_class"]
+    return kwargs
 
 
 def model_from_reference(prefix: str, model_config: Mapping[str, Any],
@@ -86,6 +90,8 @@ def model_to_reference(model: VisionTransformerMoe, prefix: str, num_shards: int
                        max_chunk_bytes: Optional[int] = None) -> dict[str, Any]:
     """Writes `model` in the native format; returns the reference kwargs."""
     state = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
-    write_reference_checkpoint(prefix, torch_to_reference(state, model.config.num_heads),
+    cfg = model.config
+    ensemble = cfg.moe.ensemble_size if cfg.moe is not None else 1
+    write_reference_checkpoint(prefix, torch_to_reference(state, cfg.num_heads, ensemble),
                                num_shards=num_shards, max_chunk_bytes=max_chunk_bytes)
-    return config_to_reference(model.config)
+    return config_to_reference(cfg)

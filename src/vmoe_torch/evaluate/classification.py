@@ -8,6 +8,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..data.pipeline import to_model_range
+from ..models.ensemble import ensemble_log_probs
 
 
 @torch.no_grad()
@@ -28,7 +29,8 @@ def evaluate_classification(model: torch.nn.Module, loader: Iterable, multilabel
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits, metrics = model(x, return_metrics=True)
-        logits = logits.float()
+        # E^3: the members' mean probability (M = 1: log-softmax, same argmax).
+        logits = ensemble_log_probs(logits, model.ensemble_size)
         n += len(labels)
         if multilabel:
             prec1 += float(labels.gather(1, logits.argmax(-1, keepdim=True)).sum())

@@ -14,13 +14,18 @@ from ..data.pipeline import to_model_range
 
 @torch.no_grad()
 def extract_features(model, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
-    """(N, F) head inputs (`forward_head(..., pre_logits=True)`) and (N,) labels."""
+    """(N, F) head inputs (`forward_head(..., pre_logits=True)`) and (N,) labels.
+    For an E^3 model the members' head inputs are averaged per image."""
     model.eval()
     device = next(model.parameters()).device
     feats, labels = [], []
     for images, y in loader:
         tokens, _ = model.forward_features(to_model_range(images.to(device)))
-        feats.append(model.forward_head(tokens, pre_logits=True).double().cpu().numpy())
+        f = model.forward_head(tokens, pre_logits=True).double()
+        members = model.ensemble_size
+        if members > 1:
+            f = f.view(-1, members, f.shape[-1]).mean(1)
+        feats.append(f.cpu().numpy())
         labels.append(np.asarray(y))
     return np.concatenate(feats), np.concatenate(labels)
 

@@ -306,12 +306,3 @@ def paper_head_bias(num_classes: int) -> float:
     """The paper's head bias init, -log(num_classes)."""
     return -math.log(num_classes)
 
-
-def ensemble_log_probs(logits: Tensor, ensemble_size: int) -> Tensor:
-    """E^3 evaluation (reference): (B*M, classes) member logits ->
-    (B, classes) log of the mean of the members' softmax probabilities."""
-    if ensemble_size == 1:
-        return torch.log_softmax(logits, dim=-1)
-    b = logits.shape[0] // ensemble_size
-    logp = torch.log_softmax(logits.float(), dim=-1).view(b, ensemble_size, -1)
-    return torch.logsumexp(logp, dim=1) - math.log(ensemble_size)

@@ -299,9 +299,12 @@ class Trainer:
         accum = cfg.train.grad_accum
         task_total = aux_total = 0.0
         routing: dict[str, list[torch.Tensor]] = {}
+        members = self.model.ensemble_size
         for xs, ts in zip(x.chunk(accum), targets.chunk(accum)):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
                 logits, metrics = self.model(xs, return_metrics=True)
+            if members > 1:  # E^3: each member is trained on the labels (reference)
+                ts = ts.repeat_interleave(members, dim=0)
             task = self.loss_fn(logits, ts)
             aux = metrics["auxiliary_loss"]
             ((task + aux) / accum).backward()
