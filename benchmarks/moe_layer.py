@@ -8,6 +8,12 @@ Prints, per shape, three timings measured in the same run:
 and the ratios moe/experts (target <= 1.15) and einsum/moe (target >= 1.5
 at B/16 shapes).
 
+Soft MoE rows (same run): the Soft MoE layer with one image per routing
+group (the paper's setting) and p slots per expert matched to the sparse
+layer's compute (E*p ~ tokens * K * 1.05), against the expert MLP alone on
+its E*G*p slots. Soft MoE adds two dense (S x E*p) mixing matmuls per group
+and the bfloat16 rounding the reference applies around the experts.
+
 Usage: python benchmarks/moe_layer.py [--repeats 5] [--shapes S32 B16] [--threads 2]
 """
 from __future__ import annotations
@@ -18,11 +24,17 @@ import time
 
 import torch
 
-from vmoe_torch import MoeMlp
+from vmoe_torch import MoeMlp, RoutingConfig
 
 SHAPES = {  # name: (group_size, groups, D, H)
     "S32": (400, 4, 512, 2048),
     "B16": (1576, 4, 768, 3072),
+}
+
+
+SOFT_SHAPES = {  # name: (tokens per image = group size, images, D, H)
+    "S32": (49, 32, 512, 2048),
+    "B16": (196, 32, 768, 3072),
 }
 
 
@@ -69,6 +81,28 @@ def bench(shape: str, experts: int, k: int, repeats: int) -> dict:
                 einsum_ms=t_ein * 1e3, moe_over_experts=t_moe / t_exp, einsum_over_moe=t_ein / t_moe)
 
 
+def bench_soft(shape: str, experts: int, k: int, repeats: int) -> dict:
+    group_size, groups, dim, hidden = SOFT_SHAPES[shape]
+    slots = max(1, round(group_size * k * 1.05 / experts))
+    torch.manual_seed(0)
+    layer = MoeMlp(dim, hidden, experts, RoutingConfig(router="soft", num_slots=slots,
+                                                       capacity_factor=None),
+                   group_size=group_size).train()
+    x = torch.randn(groups, group_size, dim, requires_grad=True)
+    buf = torch.randn(experts, groups * slots, dim, requires_grad=True)
+
+    def run_soft():
+        y, _ = layer(x)
+        y.square().mean().backward()
+
+    def run_experts():
+        layer.experts(buf).square().mean().backward()
+
+    t = timed({"soft": run_soft, "experts": run_experts}, repeats)
+    return dict(shape=shape, E=experts, K=k, p=slots, soft_ms=t["soft"] * 1e3,
+                experts_ms=t["experts"] * 1e3, soft_over_experts=t["soft"] / t["experts"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
@@ -89,6 +123,16 @@ def main() -> None:
                 print(f"| {r['shape']} | {e} | {k} | {r['C']} | {r['moe_ms']:.1f} | {r['experts_ms']:.1f} "
                       f"| {r['einsum_ms']:.1f} | {r['moe_over_experts']:.3f} | {r['einsum_over_moe']:.2f} |",
                       flush=True)
+    print()
+    print("| Soft MoE shape | E | matched K | slots p | Soft MoE layer (ms) | expert MLP alone (ms) "
+          "| Soft MoE / experts |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        for e in args.experts:
+            for k in args.k:
+                r = bench_soft(shape, e, k, args.repeats)
+                print(f"| {r['shape']} | {e} | {k} | {r['p']} | {r['soft_ms']:.1f} | {r['experts_ms']:.1f} "
+                      f"| {r['soft_over_experts']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,29 @@ def test_report_renders(trained, tmp_path):
     assert all(l.routing.capacity_factor == 1.05 and l.recorded is None
                for l in trained.model.moe_layers().values())
     assert 0 <= res["ablation"]["MoE outputs zeroed"] <= 1
+
+
+def test_soft_moe_point_at_matched_compute_and_soft_models_rejected(trained, tmp_path):
+    import dataclasses
+
+    from vmoe_torch import RoutingConfig, VisionTransformerMoe
+    from vmoe_torch.analysis.report import soft_moe_point
+    cfg = trained.model.config
+    soft_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
+        cfg.moe, group_size=cfg.tokens_per_image,
+        routing=RoutingConfig(router="soft", num_slots=2, capacity_factor=None)))
+    soft = VisionTransformerMoe(soft_cfg)
+    point = soft_moe_point(soft, trained.test_ds, 64, sparse_k=2)
+    e = cfg.moe.num_experts
+    assert point["slots_per_token"] == pytest.approx(e * 2 / cfg.tokens_per_image)
+    assert point["equivalent_capacity_factor"] == pytest.approx(e * 2 / (cfg.tokens_per_image * 2))
+    assert 0.0 <= point["test_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="sparse"):
+        analyze(soft, trained.test_ds, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="Soft MoE model"):
+        soft_moe_point(trained.model, trained.test_ds, 64, sparse_k=2)
+    from vmoe_torch.analysis.plots import plot_capacity_sweep
+    rows = [{"capacity_factor": c, "num_selected_experts": 2, "batch_priority": b, "test_accuracy": 0.5,
+             "processed_fraction": 0.9} for c in (0.5, 1.0) for b in (False, True)]
+    plot_capacity_sweep(rows, str(tmp_path / "sweep.png"), soft=point)
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000

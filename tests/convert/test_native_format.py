@@ -156,8 +156,12 @@ def test_released_registry():
     assert cfg.moe.layers == (1, 3, 5, 7, 9, 11) and cfg.moe.group_size == 8 * 577
     assert cfg.moe.routing.bfloat16_dispatch and cfg.moe.routing.capacity_factor == 1.5
     assert RELEASED["vmoe_s32_last2_ilsvrc2012_randaug_light1"].expected["ilsvrc2012_test"] == 73.1
-    with pytest.raises(ValueError, match="not supported yet"):
-        released_config("eee_s32_last2_ilsvrc2012_ft_cifar100")
+    assert all(c.supported for c in RELEASED.values())
+    e3 = config_from_reference(released_config("eee_s32_last2_ilsvrc2012_ft_cifar100"), image_size=128)
+    assert e3.moe.ensemble_size == 2 and e3.moe.routing.num_selected_experts == 1
+    assert e3.moe.group_size == 8 * 17 * 2 and e3.moe.layers == (5, 7)
+    with pytest.raises(ValueError, match="Unknown released"):
+        released_config("eee_nope")
 
 
 def test_dict_level_mapping_matches_the_streaming_loader():

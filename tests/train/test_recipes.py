@@ -52,3 +52,21 @@ def test_finetune_new_head_resolution_and_freezing(tmp_path, trained):
     for n, p in ft.model.named_parameters():
         frozen = n.startswith(("patch_embed", "blocks.0"))
         assert torch.equal(p, start[n]) == frozen, n
+
+
+@pytest.mark.parametrize("config", ["demo_soft_moe.yaml", "demo_eee.yaml"])
+def test_soft_moe_and_e3_recipes_train_evaluate_and_resume(tmp_path, config):
+    import pathlib
+    path = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / config)
+    quick = ["train.steps=3", "train.checkpoint_every=2", "data.train_renders=1", "data.test_renders=1",
+             "data.batch_size=8", "data.eval_batch_size=64", "train.progress=false", "train.threads=1"]
+    if config == "demo_eee.yaml":
+        quick.append("model.overrides.group_size=400")  # 8 images x 25 tokens x 2 members
+    trainer = Trainer(load_config(path, quick), str(tmp_path))
+    summary = trainer.fit()
+    assert summary["status"] == "completed"
+    assert 0.0 <= trainer.evaluate()["top1"] <= 1.0
+    saved = trainer.model.config
+    again = Trainer(load_config(path, quick + ["train.steps=4"]), str(tmp_path))
+    assert again.model.config == saved
+    assert again.fit()["status"] == "completed"

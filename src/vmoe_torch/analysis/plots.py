@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import matplotlib
 
@@ -17,8 +17,10 @@ def _save(fig, path: str) -> None:
     plt.close(fig)
 
 
-def plot_capacity_sweep(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-    """Accuracy and processed-token fraction against the capacity factor."""
+def plot_capacity_sweep(rows: Sequence[dict[str, Any]], path: str, title: str = "",
+                        soft: Optional[dict[str, Any]] = None) -> None:
+    """Accuracy and processed-token fraction against the capacity factor;
+    `soft` adds a Soft MoE model at its matched-compute capacity factor."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     keys = sorted({(r["num_selected_experts"], r["batch_priority"]) for r in rows}, reverse=True)
     for k, bpr in keys:
@@ -29,6 +31,12 @@ def plot_capacity_sweep(rows: Sequence[dict[str, Any]], path: str, title: str = 
                      label=f"K={k}, {'BPR' if bpr else 'vanilla'}")
         ax1.plot(cf, [r["test_accuracy"] for r in sel], **style)
         ax2.plot(cf, [r["processed_fraction"] for r in sel], **style)
+    if soft is not None:
+        label = f"Soft MoE ({soft['slots_per_expert']} slots/expert)"
+        ax1.plot([soft["equivalent_capacity_factor"]], [soft["test_accuracy"]], marker="*",
+                 markersize=14, linestyle="none", color="black", label=label)
+        ax2.plot([soft["equivalent_capacity_factor"]], [1.0], marker="*", markersize=14,
+                 linestyle="none", color="black", label=label)
     for ax, ylabel in ((ax1, "test accuracy (fraction)"),
                        (ax2, "tokens processed by >= 1 expert (fraction)")):
         ax.set_xscale("log", base=2)

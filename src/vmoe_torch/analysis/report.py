@@ -9,6 +9,11 @@ Writes out_dir/analysis.json, CSV tables, PNG figures and report.md:
 4. expert load before the capacity cut, dropped fraction per layer and C;
 5. reliance on the experts: all MoE outputs zeroed, accuracy by position in
    the routing group under vanilla routing at low C, mean top gate vs 1/E.
+
+The report is about sparse (top-K) routing. A Soft MoE model drops nothing,
+so there is no capacity to sweep: `soft_model` adds it to the capacity sweep
+as one point at matched compute, i.e. at the capacity factor whose expert
+rows per token equal its slots per token, C_eq = E*p / (S*K).
 """
 from __future__ import annotations
 
@@ -81,12 +86,34 @@ def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def soft_moe_point(soft_model, test_ds, eval_batch_size: int, sparse_k: int) -> dict[str, Any]:
+    """Accuracy of a Soft MoE model and its matched-compute capacity factor
+    C_eq = E*p / (S*K): the C at which a top-K model with K=`sparse_k`
+    sends as many token rows to the experts as Soft MoE sends slots."""
+    layers = soft_model.moe_layers()
+    if not layers or any(layer.routing.router != "soft" for layer in layers.values()):
+        raise ValueError("soft_model must be a Soft MoE model (every MoE layer router='soft').")
+    first = next(iter(layers.values()))
+    slots = first.router.num_slots
+    group = first.group_size or soft_model.config.tokens_per_image
+    preds, labels, _ = _pass(soft_model, test_ds, eval_batch_size)
+    return {"slots_per_expert": slots, "num_experts": first.num_experts, "group_size": group,
+            "slots_per_token": first.num_experts * slots / group,
+            "equivalent_capacity_factor": first.num_experts * slots / (group * sparse_k),
+            "test_accuracy": float((preds == labels).mean())}
+
+
 def analyze(model, test_ds, out_dir: str, eval_batch_size: int = 128,
             capacity_factors: Sequence[float] = CAPACITY_FACTORS, low_capacity: float = 0.5,
-            num_map_images: int = 4, sweep_rows: Optional[list[dict]] = None) -> dict[str, Any]:
+            num_map_images: int = 4, sweep_rows: Optional[list[dict]] = None,
+            soft_model=None) -> dict[str, Any]:
     layers = model.moe_layers()
     if not layers:
         raise ValueError("The analysis needs a model with MoE layers.")
+    if any(layer.routing.router == "soft" for layer in layers.values()):
+        raise ValueError("This routing analysis is for sparse (top-K) models: Soft MoE drops no "
+                         "token and has no capacity to sweep. Analyse a top-K model and pass the "
+                         "Soft MoE model as soft_model (vmoe analyze ... --soft-moe DIR).")
     os.makedirs(out_dir, exist_ok=True)
     first = next(iter(layers.values()))
     num_experts, trained_k = first.num_experts, first.routing.num_selected_experts
@@ -103,8 +130,11 @@ def analyze(model, test_ds, out_dir: str, eval_batch_size: int = 128,
         sweep_rows = routing_grid(model, lambda: eval_batches(test_ds, eval_batch_size), capacity_factors,
                                   sorted({trained_k, 1}, reverse=True), (False, True))
     result["capacity_sweep"] = sweep_rows
+    if soft_model is not None:
+        result["soft_moe"] = soft_moe_point(soft_model, test_ds, eval_batch_size, trained_k)
     _write_csv(os.path.join(out_dir, "capacity_sweep.csv"), sweep_rows)
-    plots.plot_capacity_sweep(sweep_rows, os.path.join(out_dir, "capacity_sweep.png"))
+    plots.plot_capacity_sweep(sweep_rows, os.path.join(out_dir, "capacity_sweep.png"),
+                              soft=result.get("soft_moe"))
 
     # 2. Specialisation at full capacity (every token keeps its experts).
     full_cf = float(max(max(capacity_factors), 4.0))
@@ -201,6 +231,12 @@ def _write_report(res: dict[str, Any], out_dir: str) -> None:
     for cf in cfs:
         cells = [f"{_acc(res['capacity_sweep'], cf, kk, b):.4f}" for kk in ks for b in (False, True)]
         lines.append(f"| {cf} | " + " | ".join(cells) + " |")
+    soft = res.get("soft_moe")
+    if soft:
+        lines += ["", f"Soft MoE at matched compute: {soft['slots_per_expert']} slots per expert, "
+                  f"{soft['slots_per_token']:.3f} expert rows per token (C_eq = "
+                  f"{soft['equivalent_capacity_factor']:.3f} at K={k}): test accuracy "
+                  f"{soft['test_accuracy']:.4f}. Nothing is dropped at any C."]
     lines += ["", "## 2. Expert vs class", "", "![heatmaps](expert_class_heatmaps.png)", "",
               "| layer | normalised mutual information (class; top-1 expert) |", "|---|---|"]
     lines += [f"| {s['name']} | {s['value']:.4f} |" for s in res["specialisation"]]

@@ -16,13 +16,20 @@ def run(args: argparse.Namespace) -> int:
         for c in RELEASED.values():
             acc = ", ".join(f"{k} {v}%" for k, v in c.expected.items()) or "-"
             flag = "" if c.supported else "  [not supported yet: " + c.note + "]"
-            print(f"{c.name}\n    {c.description} @ {c.image_size}px, {c.num_classes} classes; {acc}{flag}")
+            members = f", E^3 M={c.ensemble_size}" if c.ensemble_size > 1 else ""
+            print(f"{c.name}\n    {c.description}{members} @ {c.image_size}px, {c.num_classes} classes; "
+                  f"{acc}{flag}")
         return 0
     from ..models import list_models, resolve_config
     for name in list_models():
         cfg = resolve_config(name)
-        moe = (f"E={cfg.moe.num_experts} K={cfg.moe.routing.num_selected_experts} "
-               f"layers={list(cfg.moe.layers)}") if cfg.moe else "dense"
+        moe = "dense"
+        if cfg.moe is not None:
+            r = cfg.moe.routing
+            how = (f"soft p={r.num_slots}" if r.router == "soft" else
+                   f"{r.router} K={r.num_selected_experts}")
+            members = f" M={cfg.moe.ensemble_size}" if cfg.moe.ensemble_size > 1 else ""
+            moe = f"E={cfg.moe.num_experts} {how}{members} layers={list(cfg.moe.layers)}"
         print(f"{name:22s} D={cfg.hidden_size} L={cfg.num_layers} patch={cfg.patch_size[0]} "
               f"{cfg.image_size[0]}px {moe}")
     return 0

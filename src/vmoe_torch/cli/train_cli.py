@@ -70,6 +70,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override, e.g. --set data.path=/data/cifar10")
     p.add_argument("--images", type=int, default=4, help="images in the token-map figure")
+    p.add_argument("--soft-moe", default=None, metavar="DIR",
+                   help="a Soft MoE model (work dir or from_pretrained dir) to add to the capacity "
+                        "sweep at matched compute")
     p.set_defaults(func=run_analyze)
 
     p = sub.add_parser("demo", help="the bundled end-to-end demo (make demo)",
@@ -165,10 +168,16 @@ def run_analyze(args: argparse.Namespace) -> int:
     if tuple(model.config.image_size) != (cfg.data.image_size,) * 2:
         cfg.data.image_size = model.config.image_size[0]
     _, test = build_datasets(cfg.data)
-    res = analyze(model, test, args.out, cfg.data.eval_batch_size, num_map_images=args.images)
+    soft = load_model(args.soft_moe) if args.soft_moe else None
+    res = analyze(model, test, args.out, cfg.data.eval_batch_size, num_map_images=args.images,
+                  soft_model=soft)
     print(f"report: {os.path.join(args.out, 'report.md')}")
     for s in res["specialisation"]:
         print(f"  {s['name']}: class/expert NMI {s['value']:.3f}")
+    if "soft_moe" in res:
+        soft_row = res["soft_moe"]
+        print(f"  Soft MoE: accuracy {soft_row['test_accuracy']:.4f} at matched C_eq "
+              f"{soft_row['equivalent_capacity_factor']:.3f}")
     return 0
 
 

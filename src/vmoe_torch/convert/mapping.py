@@ -76,6 +76,8 @@ def _rules() -> list[Rule]:
     for i, part in enumerate(("query", "key", "value")):
         rules.append((rf"{blk}/SelfAttention/{part}/kernel", r"blocks.\1.attn.qkv.weight", _attn_in_w, (i, 3)))
         rules.append((rf"{blk}/SelfAttention/{part}/bias", r"blocks.\1.attn.qkv.bias", _attn_in_b, (i, 3)))
+    for part, ours in (("query_ln", "q_norm"), ("key_ln", "k_norm")):
+        rules.append((rf"{blk}/SelfAttention/{part}/scale", rf"blocks.\1.attn.{ours}.weight", _same, None))
     rules.append((rf"{blk}/SelfAttention/out/kernel", r"blocks.\1.attn.proj.weight", _attn_out_w, None))
     rules.append((rf"{blk}/SelfAttention/out/bias", r"blocks.\1.attn.proj.bias", _same, None))
     for dense, fc in (("Dense_0", "fc1"), ("Dense_1", "fc2")):

@@ -98,8 +98,6 @@ def config_from_reference(kwargs: Mapping[str, Any], params: Optional[Mapping[st
     enc = _take(top.get("encoder", {}), {"num_layers", "mlp_dim", "num_heads", "dropout_rate",
                                          "attention_dropout_rate", "moe", "position_emb",
                                          "attention_qk_norm"}, "encoder")
-    if enc.get("attention_qk_norm"):
-        raise ValueError("attention_qk_norm=True is not supported yet.")
     patch = as_pair(top["patch_size"])
     pos = "learned" if ensemble else (enc.get("position_emb") or {}).get("name", "learned")
     if (enc.get("position_emb") or {}).get("temperature", 10_000.0) != 10_000.0:
@@ -134,7 +132,9 @@ def config_from_reference(kwargs: Mapping[str, Any], params: Optional[Mapping[st
         dropout_rate=float(enc.get("dropout_rate", 0.0)),
         attention_dropout_rate=float(enc.get("attention_dropout_rate", 0.0)),
         head_bias_init=float(top.get("head_bias_init", 0.0)),
-        head_kernel_zero_init=bool(top.get("head_kernel_zero_init", True)), moe=moe)
+        head_kernel_zero_init=bool(top.get("head_kernel_zero_init", True)), moe=moe,
+        # The reference's ensemble encoder does not pass attention_qk_norm to its blocks.
+        qk_norm=bool(enc.get("attention_qk_norm", False)) and not ensemble)
     cfg.validate()
     return cfg
 
@@ -146,6 +146,8 @@ def config_to_reference(cfg: ModelConfig) -> dict[str, Any]:
                            "attention_dropout_rate": cfg.attention_dropout_rate}
     if cfg.position_emb != "learned":
         enc["position_emb"] = {"name": cfg.position_emb}
+    if cfg.qk_norm:
+        enc["attention_qk_norm"] = True
     if cfg.moe is not None:
         if cfg.moe.layer_routing:
             raise ValueError("The reference format has one routing for all MoE layers; this model "

@@ -24,6 +24,10 @@ from .expert_parallel import expert_parallel, gather_state_dict, is_expert_param
 
 CASES = [dict(num_experts=e, num_selected_experts=k, batch_priority=b, capacity_factor=c)
          for e, k, b, c in itertools.product((4, 8), (1, 2), (False, True), (0.5, 1.05))]
+# Soft MoE (slots exchanged like capacity buffers) and E^3 (members' experts on different ranks).
+CASES += [dict(num_experts=4, router="soft", num_slots=2, noise_std=0.5),
+          dict(num_experts=4, num_selected_experts=1, ensemble_size=2, batch_priority=True,
+               capacity_factor=0.5)]
 
 
 def _model(case: dict) -> torch.nn.Module:
@@ -32,6 +36,12 @@ def _model(case: dict) -> torch.nn.Module:
                          group_size=2 * 17, **case).train()
     model.set_noise_seed(7)
     return model
+
+
+def _xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy; E^3 logits have one row per (image, member)."""
+    members = logits.shape[0] // labels.shape[0]
+    return F.cross_entropy(logits, labels.repeat_interleave(members))
 
 
 def _mean(x: torch.Tensor) -> torch.Tensor:
@@ -49,12 +59,14 @@ def _check_case(case: dict, batch: int, rank: int, world: int) -> dict[str, floa
     share = slice(rank * batch // world, (rank + 1) * batch // world)
 
     logits, metrics = full(x, return_metrics=True)
-    (F.cross_entropy(logits, y) + metrics["auxiliary_loss"]).backward()
+    (_xent(logits, y) + metrics["auxiliary_loss"]).backward()
     logits_r, metrics_r = ep(x[share], return_metrics=True)
-    (F.cross_entropy(logits_r, y[share]) + metrics_r["auxiliary_loss"]).backward()
+    (_xent(logits_r, y[share]) + metrics_r["auxiliary_loss"]).backward()
     sync_gradients(ep)
 
-    out = {"logits": float((logits_r - logits[share]).detach().abs().max()),
+    m = full.ensemble_size  # E^3: rows b*M + m
+    rows = slice(share.start * m, share.stop * m)
+    out = {"logits": float((logits_r - logits[rows]).detach().abs().max()),
            "aux": float((_mean(metrics_r["auxiliary_loss"]) - metrics["auxiliary_loss"]).abs())}
     full_grads = dict(full.named_parameters())
     grad_diff = 0.0
@@ -102,6 +114,10 @@ def _check_training(rank: int, world: int, batch: int, steps: int = 5) -> dict[s
     return {"train_loss": loss_diff, "train_params": param_diff}
 
 
+def case_name(case: dict) -> str:
+    return "_".join(f"{k}={v}" for k, v in case.items())
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -109,9 +125,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         batch = 8
         results = {}
         for case in CASES:
-            name = "E{num_experts}_K{num_selected_experts}_{bpr}_C{capacity_factor}".format(
-                bpr="bpr" if case["batch_priority"] else "vanilla", **case)
-            results[name] = _check_case(case, batch, rank, world)
+            results[case_name(case)] = _check_case(case, batch, rank, world)
         results["training"] = _check_training(rank, world, batch)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)

@@ -22,13 +22,22 @@ def _merge(x: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Self-attention with a fused q/k/v projection `qkv` (D -> 3D) and `proj`."""
+    """Self-attention with a fused q/k/v projection `qkv` (D -> 3D) and `proj`.
 
-    def __init__(self, dim: int, num_heads: int, attention_dropout_rate: float = 0.0) -> None:
+    `qk_norm`: LayerNorm (scale only, eps 1e-6, over the head dimension,
+    shared by all heads) on queries and keys, as flax's `normalize_qk` (the
+    reference's `attention_qk_norm`, used by its Soft MoE models).
+    """
+
+    def __init__(self, dim: int, num_heads: int, attention_dropout_rate: float = 0.0,
+                 qk_norm: bool = False) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}.")
         self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6, bias=False) if qk_norm else None
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6, bias=False) if qk_norm else None
         self.attn_drop = attention_dropout_rate
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -42,9 +51,11 @@ class Attention(nn.Module):
         """(B, N, D) -> (B, N, D)."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         h = self.num_heads
+        q, k = _heads(q, h), _heads(k, h)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(
-            _heads(q, h), _heads(k, h), _heads(v, h),
-            dropout_p=self.attn_drop if self.training else 0.0)
+            q, k, _heads(v, h), dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj(_merge(out))
 
 

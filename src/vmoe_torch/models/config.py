@@ -111,6 +111,8 @@ class ModelConfig:
       moe: the MoE layers, or None for a dense ViT.
       in_chans: image channels.
       check_finite: raise on non-finite input images (costs a reduction).
+      qk_norm: LayerNorm on attention queries and keys (the reference's
+        `attention_qk_norm`, used by its Soft MoE models).
     """
 
     num_classes: int = 1000
@@ -130,6 +132,7 @@ class ModelConfig:
     moe: Optional[MoeConfig] = None
     in_chans: int = 3
     check_finite: bool = False
+    qk_norm: bool = False
 
     def validate(self) -> None:
         """Raises ValueError naming any inconsistent setting."""

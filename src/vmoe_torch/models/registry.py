@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ..moe.config import RoutingConfig
 from .config import ModelConfig, MoeConfig, as_pair
-from .variants import parse_description
+from .variants import VIT_BACKBONES, parse_description, second_half
 from .vit_moe import VisionTransformerMoe
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {}
@@ -44,6 +44,38 @@ register("vmoe_mi4_every1", "V-MoE-Mi/4, E=8, K=2, Every 1", tiny=True, num_clas
 register("vmoe_mi4_every2", "V-MoE-Mi/4, E=8, K=2, Every 2", tiny=True, num_classes=10, image_size=32)
 register("vit_ti4", "ViT-Ti/4", tiny=True, num_classes=10, image_size=32)
 register("vmoe_ti4_every2", "V-MoE-Ti/4, E=8, K=2, Every 2", tiny=True, num_classes=10, image_size=32)
+
+
+
+def soft_moe_config(size: str, patch: int, num_experts: int, num_slots: int,
+                    image_size: int = 224, num_classes: int = 1000) -> ModelConfig:
+    """A Soft MoE model as in the paper (arXiv 2308.00951) and the reference's
+    soft_moe configs: ViT backbone of "Scaling ViT" sizes, GAP head, qk-norm,
+    MoE in every block of the second half, one image per routing group."""
+    bb = VIT_BACKBONES[size]
+    tokens = (image_size // patch) ** 2
+    routing = RoutingConfig(router="soft", num_slots=num_slots, capacity_factor=None)
+    moe = MoeConfig(layers=second_half(bb.num_layers), num_experts=num_experts, group_size=tokens,
+                    routing=routing)
+    return ModelConfig(num_classes=num_classes, image_size=(image_size, image_size),
+                       patch_size=(patch, patch), hidden_size=bb.hidden_size,
+                       num_layers=bb.num_layers, num_heads=bb.num_heads, mlp_dim=bb.mlp_dim,
+                       classifier="gap", head_bias_init=-math.log(num_classes), moe=moe,
+                       qk_norm=True)
+
+
+# Soft MoE paper models: 128 experts of one slot each (128 slots for 196 tokens).
+for _size in ("S", "B", "L"):
+    PRESETS[f"soft_moe_{_size.lower()}16_128e"] = (
+        lambda _s=_size: soft_moe_config(_s, 16, num_experts=128, num_slots=1))
+PRESETS["soft_moe_mi4_half"] = lambda: dataclasses.replace(
+    parse_description("V-MoE-Mi/4, E=8, K=1, Second half", num_classes=10, image_size=32),
+    representation_size=None, classifier="gap", moe=MoeConfig(
+        layers=second_half(6), num_experts=8, group_size=64,
+        routing=RoutingConfig(router="soft", num_slots=2, capacity_factor=None)))
+# E^3 (the released eee_s32_last2 architecture) and a tiny one.
+register("eee_s32_last2", "V-MoE-S/32, E=8, K=1, M=2, Last 2")
+register("eee_mi4_every2", "V-MoE-Mi/4, E=8, K=1, M=2, Every 2", tiny=True, num_classes=10, image_size=32)
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 _MOE_FIELDS = {f.name for f in dataclasses.fields(MoeConfig)} - {"routing"}

@@ -39,6 +39,23 @@ def every_n(num_layers: int, n: int) -> tuple[int, ...]:
     return tuple(range(n - 1, num_layers, n))
 
 
+def second_half(num_layers: int) -> tuple[int, ...]:
+    """"Second half": every block of the second half (Soft MoE's placement;
+    12 blocks: 6..11)."""
+    return tuple(range(num_layers // 2, num_layers))
+
+
+# The ViT sizes of "Scaling Vision Transformers" that the Soft MoE paper
+# builds on (reference soft_moe/configs/common.py); S differs from V-MoE's S.
+VIT_BACKBONES: dict[str, Backbone] = {
+    "Ti": Backbone(192, 12, 768, 3),
+    "S": Backbone(384, 12, 1536, 6),
+    "B": Backbone(768, 12, 3072, 12),
+    "L": Backbone(1024, 24, 4096, 16),
+    "H": Backbone(1280, 32, 5120, 16),
+}
+
+
 def last_n(num_layers: int, n: int) -> tuple[int, ...]:
     """"Last n": the last n odd blocks (Last 2 on 8 blocks: 5, 7)."""
     odd = list(range(1, num_layers, 2))
@@ -57,6 +74,9 @@ def parse_description(text: str, num_classes: int = 1000,
     """Parses a paper description such as "ViT-S/32, E=8, K=2, Last 2" or
     "V-MoE-B/16, E=32, K=2, Every 2, C=1.05". Without E the model is dense.
     A trailing "300 Epochs" (the reference's form) is accepted and ignored.
+    "M=2" makes it an E^3 ensemble of 2 members (the group then holds 8
+    images per member); "Second half" puts MoE in every block of the second
+    half.
 
     The other settings follow the paper's configs: group size of 8 images'
     worth of tokens, representation layer, head bias -log(num_classes),
@@ -72,6 +92,7 @@ def parse_description(text: str, num_classes: int = 1000,
     bb, patch = BACKBONES[size], int(m["patch"])
     opts = [o.strip() for o in m["opts"].split(",") if o.strip()]
     experts = k = None
+    members = 1
     cf = 1.05
     layers: Optional[tuple[int, ...]] = None
     for opt in opts:
@@ -82,6 +103,10 @@ def parse_description(text: str, num_classes: int = 1000,
             k = int(low[2:])
         elif low.startswith("c="):
             cf = float(low[2:])
+        elif low.startswith("m="):
+            members = int(low[2:])
+        elif low in ("secondhalf", "half"):
+            layers = ("half", 0)
         elif low.startswith("every"):
             layers = ("every", int(low[5:]))
         elif low.startswith("last"):
@@ -92,7 +117,7 @@ def parse_description(text: str, num_classes: int = 1000,
             layers = tuple(int(x) for x in opt.split()[1:])
         else:
             raise ValueError(f"Unknown option {opt!r} in model description {text!r}; "
-                             "known: E=, K=, C=, Every n, Last n, Layers i j ...")
+                             "known: E=, K=, C=, M=, Every n, Last n, Second half, Layers i j ...")
     if image_size is None:
         image_size = 32 if size == "Mi" else 224
     if image_size % patch:
@@ -114,6 +139,8 @@ def parse_description(text: str, num_classes: int = 1000,
         moe_layers = every_n(bb.num_layers, layers[1])
     elif layers and layers[0] == "last":
         moe_layers = last_n(bb.num_layers, layers[1])
+    elif layers and layers[0] == "half":
+        moe_layers = second_half(bb.num_layers)
     else:
         moe_layers = tuple(layers)
     tokens = (image_size // patch) ** 2 + 1
@@ -121,7 +148,8 @@ def parse_description(text: str, num_classes: int = 1000,
     routing = RoutingConfig(num_selected_experts=k or 1, capacity_factor=cf,
                             importance_loss_weight=0.005, load_loss_weight=0.005,
                             bfloat16_dispatch=True)
-    moe = MoeConfig(layers=moe_layers, num_experts=experts, group_size=8 * tokens, routing=routing)
+    moe = MoeConfig(layers=moe_layers, num_experts=experts, group_size=8 * tokens * members,
+                    routing=routing, ensemble_size=members)
     cfg = ModelConfig(**base, moe=moe)
     cfg.validate()
     return cfg

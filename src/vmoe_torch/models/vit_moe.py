@@ -30,7 +30,7 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.norm1 = nn.LayerNorm(d, eps=1e-6)
-        self.attn = Attention(d, cfg.num_heads, cfg.attention_dropout_rate)
+        self.attn = Attention(d, cfg.num_heads, cfg.attention_dropout_rate, cfg.qk_norm)
         self.drop = nn.Dropout(cfg.dropout_rate)
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         moe = cfg.moe

@@ -87,6 +87,8 @@ class RoutingConfig:
         then rejected by `validate`); setting `num_slots` is kept beside
         `capacity_factor` (Soft MoE ignores the factor then).
         """
+        if not changes:
+            return self
         fields = {f.name for f in dataclasses.fields(RoutingConfig)}
         unknown = sorted(set(changes) - fields)
         if unknown:

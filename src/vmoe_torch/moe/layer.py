@@ -76,8 +76,10 @@ class MoeMlp(nn.Module):
         config = (routing or RoutingConfig()).updated(**routing_changes)
         self.dim, self.num_experts, self.group_size = dim, num_experts, group_size
         self.ensemble_size = ensemble_size
-        self.router: Router = build_router(dim, num_experts, config, group_size, ensemble_size)
+        self.router: Router = build_router(dim, num_experts, config, group_size, ensemble_size,
+                                           init=False)
         self.experts = Experts(num_experts, dim, mlp_dim, dropout_rate)
+        self.router.reset_parameters()
         self.generator: Optional[torch.Generator] = None
         # Analysis hook: when a list, each routed run of a top-K router
         # appends its (detached) routing plan: expert_index, buffer_index,
@@ -122,7 +124,8 @@ class MoeMlp(nn.Module):
             current.config = config
             return
         if isinstance(current, _GatingRouter) and config.router != "soft":
-            new = build_router(self.dim, self.num_experts, config, self.group_size, self.ensemble_size)
+            new = build_router(self.dim, self.num_experts, config, self.group_size, self.ensemble_size,
+                               init=False)
             assert isinstance(new, _GatingRouter)
             new.take_parameters(current)
             new.train(self.training)

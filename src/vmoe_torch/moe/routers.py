@@ -48,6 +48,9 @@ class Router(nn.Module):
         """Buffer rows per expert and group (C; p for Soft MoE)."""
         raise NotImplementedError
 
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
     def noise_shape(self, groups: int, group_size: int) -> tuple[int, ...]:
         """Shape of the standard-normal draw this router adds in training."""
         raise NotImplementedError
@@ -77,10 +80,12 @@ class _GatingRouter(Router):
         super().__init__(num_experts, config)
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.dispatch_impl = "index"
-        # Draw from the RNG as nn.Linear's own init did in earlier versions,
-        # so that a seed builds the same model as before; then flax's default.
+        # Drawn as nn.Linear's own init, as earlier versions did, so that a
+        # seed builds the same model; `reset_parameters` sets flax's default.
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
-        lecun_normal_(self.weight, dim)
+
+    def reset_parameters(self) -> None:
+        lecun_normal_(self.weight, self.weight.shape[1])  # flax Dense default
 
     def logits(self, x: Tensor) -> Tensor:
         """(G, S, D) -> (G, S, E) float32."""
@@ -267,7 +272,12 @@ class SoftRouter(Router):
         self.num_slots = self.slots_for(config, group_size, num_experts)
         self.mu = nn.Parameter(torch.empty(dim, num_experts, self.num_slots))
         self.scale = nn.Parameter(torch.ones(()))
-        lecun_normal_(self.mu, dim)
+
+    def reset_parameters(self) -> None:
+        # Only mu's direction matters (it is normalised); the scale starts at 1 (reference).
+        lecun_normal_(self.mu, self.mu.shape[0])
+        with torch.no_grad():
+            self.scale.fill_(1.0)
 
     @staticmethod
     def slots_for(config: RoutingConfig, group_size: Optional[int], num_experts: int) -> int:
@@ -286,7 +296,9 @@ class SoftRouter(Router):
     def forward(self, x: Tensor, noise: Optional[Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> tuple[Dispatcher, Metrics]:
         groups, size, _ = x.shape
-        logits, mu = soft_router_logits(x, self.mu, self.scale)
+        # Logits and both softmaxes in float32 outside autocast, as the sparse routers.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits, mu = soft_router_logits(x.float(), self.mu.float(), self.scale.float())
         std = self.config.effective_noise_std
         if self.training and std > 0:
             logits = logits + std * self._draw(noise, self.noise_shape(groups, size), logits, generator)
@@ -298,9 +310,19 @@ class SoftRouter(Router):
 
 
 def build_router(dim: int, num_experts: int, config: RoutingConfig, group_size: Optional[int],
-                 ensemble_size: int = 1) -> Router:
-    """The router named by `config.router`."""
+                 ensemble_size: int = 1, init: bool = True) -> Router:
+    """The router named by `config.router`; `init=False` leaves the
+    parameters to a later `reset_parameters()` (MoeMlp initialises its
+    experts first, in the order earlier versions drew from the RNG)."""
     config.validate(num_experts)
+    router = _new_router(dim, num_experts, config, group_size, ensemble_size)
+    if init:
+        router.reset_parameters()
+    return router
+
+
+def _new_router(dim: int, num_experts: int, config: RoutingConfig, group_size: Optional[int],
+                ensemble_size: int) -> Router:
     if ensemble_size > 1 and config.router != "top_experts":
         raise ValueError(f"E^3 ensembles (ensemble_size={ensemble_size}) route with top_experts; "
                          f"router {config.router!r} has no ensemble form.")

@@ -1,0 +1,129 @@
+"""The routing design: one RoutingConfig carried to the layer, routers that
+share parameters, a model config that reports what runs, and qk-norm."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from vmoe_torch import MoeMlp, RoutingConfig, VisionTransformerMoe, create_model
+from vmoe_torch.convert.pretrained import from_pretrained, save_pretrained
+from vmoe_torch.models import LayerRouting
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    return create_model("V-MoE-Mi/4, E=4, K=2, Every 1", num_classes=5, image_size=16,
+                        num_layers=3, layers=[0, 1, 2], group_size=34, **kw).eval()
+
+
+def test_updated_is_the_one_capacity_rule():
+    r = RoutingConfig()
+    assert r.updated(capacity=8) == dataclasses.replace(r, capacity=8, capacity_factor=None)
+    assert r.updated(capacity=8).updated(capacity_factor=2.0).capacity is None
+    with pytest.raises(ValueError, match="Unknown routing setting"):
+        r.updated(capacity_factr=2.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        r.updated(capacity=8, capacity_factor=2.0).validate(4)
+    with pytest.raises(ValueError, match="finite"):
+        r.updated(capacity_factor=float("inf")).validate(4)
+    with pytest.raises(ValueError, match="num_selected_experts must be int"):
+        RoutingConfig(num_selected_experts=True).validate(4)
+
+
+def test_layer_gets_the_config_object_unchanged():
+    cfg = RoutingConfig(num_selected_experts=2, capacity_factor=0.5, batch_priority=True)
+    layer = MoeMlp(8, 16, 4, cfg, group_size=10)
+    assert layer.routing is cfg
+    model = _tiny()
+    assert all(l.routing is model.config.moe.routing for l in model.moe_layers().values())
+
+
+def test_per_layer_routing_is_what_config_reports_and_saves(tmp_path):
+    model = _tiny()
+    x = torch.randn(4, 3, 16, 16)
+    model.set_routing(layers=[1], capacity_factor=0.5, batch_priority=True)
+    cfg = model.config
+    assert cfg.moe.routing.capacity_factor == 1.05
+    assert cfg.moe.layer_routing == (LayerRouting(1, model.blocks[1].mlp.routing),)
+    save_pretrained(model, str(tmp_path / "m"))
+    again = from_pretrained(str(tmp_path / "m"))
+    assert again.config == cfg
+    assert again.blocks[1].mlp.routing.batch_priority and not again.blocks[0].mlp.routing.batch_priority
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    # All layers changed: the shared setting moves into moe.routing, no overrides left.
+    model.set_routing(capacity_factor=0.5, batch_priority=True)
+    assert model.config.moe.layer_routing == () and model.config.moe.routing.batch_priority
+
+
+def test_set_routing_is_all_or_nothing():
+    model = create_model("soft_moe_mi4_half")
+    before = model.routing_settings()
+    with pytest.raises(ValueError, match="fixed by its parameters"):
+        model.set_routing(num_slots=3)
+    assert model.routing_settings() == before
+
+
+def test_top_experts_and_expert_choice_share_the_gating_matrix():
+    model = _tiny()
+    x = torch.randn(4, 3, 16, 16)
+    weight = model.blocks[0].mlp.router.weight
+    with model.routing(router="expert_choice", capacity_factor=1.0):
+        assert model.blocks[0].mlp.router.kind == "expert_choice"
+        assert model.blocks[0].mlp.router.weight is weight
+        _, m = model(x, return_metrics=True)
+        assert "encoderblock_0/num_experts_per_item_max" in m
+    assert model.blocks[0].mlp.router.kind == "top_experts"
+    assert model.blocks[0].mlp.router.weight is weight
+    assert dict(model.named_parameters())["blocks.0.mlp.router.weight"] is weight
+
+
+def test_dispatch_impl_names_are_checked_and_einsum_matches():
+    model = _tiny()
+    x = torch.randn(4, 3, 16, 16)
+    layer = model.blocks[0].mlp
+    with pytest.raises(ValueError, match="Unknown dispatch_impl"):
+        layer.dispatch_impl = "foo"
+    with torch.no_grad():
+        ref = model(x)
+        for l in model.moe_layers().values():
+            l.dispatch_impl = "einsum"
+        torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)
+        with model.routing(router="expert_choice", capacity_factor=1.0):
+            ec_einsum = model(x)
+            for l in model.moe_layers().values():
+                l.dispatch_impl = "index"
+            torch.testing.assert_close(model(x), ec_einsum, rtol=1e-6, atol=1e-6)
+
+
+def test_moe_dropout_rate_is_its_own():
+    model = _tiny(dropout_rate=0.1, moe={"dropout_rate": 0.3})
+    assert model.blocks[0].mlp.experts.dropout.p == 0.3 and model.blocks[0].drop.p == 0.1
+    model = _tiny(moe={"mlp_dim": 96})
+    assert model.blocks[0].mlp.experts.mlp_dim == 96 and model.config.mlp_dim != 96
+
+
+def test_qk_norm_matches_a_float64_recomputation():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(create_model("ViT-Mi/4", num_classes=3, image_size=16).config,
+                              qk_norm=True, num_layers=1)
+    model = VisionTransformerMoe(cfg).double().eval()
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        attn.q_norm.weight.normal_()
+        attn.k_norm.weight.normal_()
+        x = torch.randn(2, 5, cfg.hidden_size, dtype=torch.float64)
+        q, k, v = attn.qkv(x).chunk(3, -1)
+        h, d = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        q, k, v = (t.view(2, 5, h, d) for t in (q, k, v))
+
+        def ln(t, w):  # flax LayerNorm(use_bias=False), eps 1e-6, over the head dim
+            mu = t.mean(-1, keepdim=True)
+            return (t - mu) / torch.sqrt(((t - mu) ** 2).mean(-1, keepdim=True) + 1e-6) * w
+        q, k = ln(q, attn.q_norm.weight), ln(k, attn.k_norm.weight)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+        out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(2, 5, -1)
+        torch.testing.assert_close(attn(x), attn.proj(out), rtol=1e-10, atol=1e-10)
