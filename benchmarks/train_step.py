@@ -1,6 +1,7 @@
 """Training throughput (images/s) on the CPU, measured in one run:
 
-1. the tiny demo V-MoE against the dense ViT of the same backbone (ratio);
+1. the tiny demo V-MoE, its Soft MoE and E^3 variants (configs/demo_soft_moe.yaml,
+   configs/demo_eee.yaml) against the dense ViT of the same backbone (ratio);
 2. V-MoE-S/32 ("ViT-S/32, E=8, K=2, Last 2", 224 px, batch 32) against the
    dense ViT-S/32, in fp32 and with bf16 autocast.
 
@@ -36,7 +37,8 @@ def images_per_s(name: str, batch: int, image: int, bf16: bool, steps: int, warm
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits, metrics = model(x, return_metrics=True)
-        loss = F.cross_entropy(logits.float(), y) + metrics["auxiliary_loss"]
+        members = logits.shape[0] // batch  # E^3: one row per (image, member)
+        loss = F.cross_entropy(logits.float(), y.repeat_interleave(members)) + metrics["auxiliary_loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -57,17 +59,19 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps")
     print("| model | batch | px | precision | images/s | ratio to dense |")
     print("|---|---|---|---|---|---|")
-    demo = {name: load_config(str(CONFIGS / f"demo_{name}.yaml")) for name in ("moe", "dense")}
+    labels = {"moe": "demo V-MoE-Mi/8 Every 1, E=8 K=2", "soft_moe": "demo Soft MoE-Mi/8, E=8, p=7",
+              "eee": "demo E^3-Mi/8, E=8 K=1 M=2"}
+    demo = {name: load_config(str(CONFIGS / f"demo_{name}.yaml")) for name in ("dense", *labels)}
     batch, px = demo["moe"].data.batch_size, demo["moe"].data.image_size
     for bf16 in ([False] if args.skip_bf16 else [False, True]):
         prec = "bf16 autocast" if bf16 else "fp32"
         dense = images_per_s(demo["dense"].model.name, batch, px, bf16, args.steps, args.warmup,
                              **demo["dense"].model.overrides)
-        moe = images_per_s(demo["moe"].model.name, batch, px, bf16, args.steps, args.warmup,
-                           **demo["moe"].model.overrides)
         print(f"| demo dense ViT-Mi/8 | {batch} | {px} | {prec} | {dense:.1f} | 1.00 |", flush=True)
-        print(f"| demo V-MoE-Mi/8 Every 1, E=8 K=2 | {batch} | {px} | {prec} | {moe:.1f} | "
-              f"{moe / dense:.2f} |", flush=True)
+        for name, label in labels.items():
+            ips = images_per_s(demo[name].model.name, batch, px, bf16, args.steps, args.warmup,
+                               **demo[name].model.overrides)
+            print(f"| {label} | {batch} | {px} | {prec} | {ips:.1f} | {ips / dense:.2f} |", flush=True)
     if args.skip_s32:
         return
     native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -33,11 +33,11 @@ def run(args: argparse.Namespace) -> int:
     if args.preset:
         kwargs = released_config(args.preset)
         image_size = args.image_size or RELEASED[args.preset].image_size
-        source = {"reference_checkpoint": args.preset}
+        source = {"kind": "converted", "reference_checkpoint": args.preset, "license": "apache-2.0"}
     else:
         kwargs = load_reference_config(args.config)
         image_size = args.image_size
-        source = {"reference_config": os.path.abspath(args.config)}
+        source = {"kind": "converted", "reference_config": os.path.abspath(args.config)}
     start = time.perf_counter()
     model = model_from_reference(args.prefix, kwargs, image_size)
     source["reference_prefix"] = os.path.abspath(args.prefix)

@@ -5,14 +5,14 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import convert, models, train_cli
+from . import convert, models, train_cli, upcycle
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmoe", description="V-MoE (sparse Vision Mixture of Experts) in PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (convert, models):
+    for module in (convert, models, upcycle):
         module.add_parser(sub)
     train_cli.add_parsers(sub)
     return parser

@@ -1,4 +1,5 @@
-"""Our own export format: `model.safetensors` + `config.json` in a directory.
+"""Our own export format: `model.safetensors` + `config.json` (+ a model card
+`README.md`) in a directory.
 
 config.json schema (version 1):
   {"format": "vmoe-torch", "format_version": 1, "model": <ModelConfig as JSON>,
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..models.config import ModelConfig
 from ..models.vit_moe import VisionTransformerMoe
 from ..utils.typed_config import from_dict, to_dict
+from .model_card import model_card
 
 FORMAT, FORMAT_VERSION = "vmoe-torch", 1
 
@@ -80,6 +82,8 @@ def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool =
             meta["source"] = source
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(meta, f, indent=2)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(model.config, source))
         _replace_dir(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -140,7 +140,17 @@ def config_from_reference(kwargs: Mapping[str, Any], params: Optional[Mapping[st
 
 
 def config_to_reference(cfg: ModelConfig) -> dict[str, Any]:
-    """Inverse of `config_from_reference` (reference constructor kwargs)."""
+    """Inverse of `config_from_reference` (reference constructor kwargs).
+    Raises for settings the reference model cannot express (rather than
+    exporting a different model)."""
+    unsupported = [msg for bad, msg in (
+        (cfg.gelu != "tanh", "exact (erf) GELU: the reference uses the tanh approximation"),
+        (cfg.layer_norm_eps != 1e-6, f"LayerNorm eps {cfg.layer_norm_eps}: the reference uses 1e-6"),
+        (cfg.norm_after_pool, "norm_after_pool (timm's fc_norm)"),
+        (cfg.in_chans != 3, f"{cfg.in_chans} input channels")) if bad]
+    if unsupported:
+        raise ValueError("The reference's VisionTransformerMoe does not support: "
+                         + "; ".join(unsupported) + ". Keep this model in our format (save_pretrained).")
     enc: dict[str, Any] = {"num_layers": cfg.num_layers, "mlp_dim": cfg.mlp_dim,
                            "num_heads": cfg.num_heads, "dropout_rate": cfg.dropout_rate,
                            "attention_dropout_rate": cfg.attention_dropout_rate}

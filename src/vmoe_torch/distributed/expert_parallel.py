@@ -48,7 +48,8 @@ class ShardedExperts(nn.Module):
         self.num_experts = full.num_experts
         self.local_experts = full.num_experts // self.world
         lo = self.rank * self.local_experts
-        self.local = Experts(self.local_experts, full.dim, full.mlp_dim, full.dropout.p)
+        self.local = Experts(self.local_experts, full.dim, full.mlp_dim, full.dropout.p,
+                             "tanh" if full.approximate == "tanh" else "erf")
         with torch.no_grad():
             for key in _EXPERT_KEYS:
                 getattr(self.local, key).copy_(getattr(full, key)[lo:lo + self.local_experts])

@@ -113,6 +113,12 @@ class ModelConfig:
       check_finite: raise on non-finite input images (costs a reduction).
       qk_norm: LayerNorm on attention queries and keys (the reference's
         `attention_qk_norm`, used by its Soft MoE models).
+      layer_norm_eps: epsilon of every LayerNorm (flax and timm: 1e-6;
+        Hugging Face ViT: 1e-12).
+      gelu: "tanh" (the approximation flax uses) or "erf" (exact GELU, as
+        timm, torchvision and Hugging Face ViTs), in the MLPs and experts.
+      norm_after_pool: with classifier "gap", apply the encoder LayerNorm to
+        the pooled vector instead of to every token (timm's `fc_norm`).
     """
 
     num_classes: int = 1000
@@ -133,6 +139,9 @@ class ModelConfig:
     in_chans: int = 3
     check_finite: bool = False
     qk_norm: bool = False
+    layer_norm_eps: float = 1e-6
+    gelu: Literal["tanh", "erf"] = "tanh"
+    norm_after_pool: bool = False
 
     def validate(self) -> None:
         """Raises ValueError naming any inconsistent setting."""
@@ -150,6 +159,12 @@ class ModelConfig:
         if self.image_size[0] % self.patch_size[0] or self.image_size[1] % self.patch_size[1]:
             raise ValueError(f"image_size {self.image_size} is not a multiple of "
                              f"patch_size {self.patch_size}.")
+        if self.gelu not in ("tanh", "erf"):
+            raise ValueError(f"gelu must be 'tanh' or 'erf', got {self.gelu!r}.")
+        if self.norm_after_pool and self.classifier != "gap":
+            raise ValueError("norm_after_pool applies to classifier='gap' only.")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}.")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}.")
         if self.moe is not None:

@@ -28,20 +28,20 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        d = cfg.hidden_size
-        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        d, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.norm1 = nn.LayerNorm(d, eps=eps)
         self.attn = Attention(d, cfg.num_heads, cfg.attention_dropout_rate, cfg.qk_norm)
         self.drop = nn.Dropout(cfg.dropout_rate)
-        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.norm2 = nn.LayerNorm(d, eps=eps)
         moe = cfg.moe
         self.is_moe = moe is not None and index in moe.layers
         if moe is not None and self.is_moe:
             self.mlp: nn.Module = MoeMlp(
                 d, moe.mlp_dim or cfg.mlp_dim, moe.num_experts, moe.routing_for(index),
-                group_size=moe.group_size, ensemble_size=moe.ensemble_size,
+                group_size=moe.group_size, ensemble_size=moe.ensemble_size, gelu=cfg.gelu,
                 dropout_rate=cfg.dropout_rate if moe.dropout_rate is None else moe.dropout_rate)
         else:
-            self.mlp = Mlp(d, cfg.mlp_dim, cfg.dropout_rate)
+            self.mlp = Mlp(d, cfg.mlp_dim, cfg.dropout_rate, cfg.gelu)
 
     def forward(self, x: Tensor, noise: Optional[Tensor] = None) -> tuple[Tensor, Optional[Metrics]]:
         x = x + self.drop(self.attn(self.norm1(x)))
@@ -93,7 +93,7 @@ class VisionTransformerMoe(nn.Module):
         moe_layers = sorted(config.moe.layers) if config.moe is not None else []
         self.first_moe_block = moe_layers[0] if moe_layers else -1
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.map_head = MapHead(d, config.mlp_dim, config.num_heads) if config.classifier == "map" else None
         if config.representation_size:
             self.pre_logits: Optional[nn.Linear] = nn.Linear(d, config.representation_size)
@@ -201,7 +201,8 @@ class VisionTransformerMoe(nn.Module):
 
     def forward_features(self, images: Tensor, router_noise: Optional[Mapping[str, Tensor]] = None,
                          interpolate_pos_embed: bool = False) -> tuple[Tensor, Metrics]:
-        """(B, C, H, W) -> encoded tokens (B, N, D) after the encoder norm, and metrics."""
+        """(B, C, H, W) -> encoded tokens (B, N, D) after the encoder norm (before
+        it with `norm_after_pool`), and metrics."""
         grid = self._check_images(images)
         x = self.patch_embed(images)
         if self.cls_token is not None:
@@ -223,6 +224,8 @@ class VisionTransformerMoe(nn.Module):
                     metrics[f"{name}/{out_key}"] = value
                 aux = aux + m["auxiliary_loss"]
         metrics["auxiliary_loss"] = aux
+        if self._config.norm_after_pool:
+            return x, metrics  # the norm is applied to the pooled vector (`pool`)
         return self.norm(x), metrics
 
     def pool(self, x: Tensor) -> Tensor:
@@ -230,7 +233,8 @@ class VisionTransformerMoe(nn.Module):
         if self._config.classifier == "token":
             return x[:, 0]
         if self._config.classifier == "gap":
-            return x.mean(dim=1)
+            pooled = x.mean(dim=1)
+            return self.norm(pooled) if self._config.norm_after_pool else pooled
         return self.map_head(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

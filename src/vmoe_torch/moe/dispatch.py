@@ -83,6 +83,7 @@ class IndexDispatcher:
         slot_token.scatter_(0, slot.reshape(-1), tokens.reshape(-1))
         self.slot_token = slot_token[:num_slots]                         # (E*G*C,)
         self.token_slot = torch.where(kept, slot, torch.zeros_like(slot)).reshape(-1)
+        self.dropped = ~kept.reshape(-1, 1)                               # (G*S*K, 1)
         self.weights = routing.combine_weights * kept                     # (G, S, K)
 
     def dispatch(self, x: Tensor) -> Tensor:
@@ -97,6 +98,9 @@ class IndexDispatcher:
         """(E, G*C, D) -> (G, S, D), the gate-weighted sum over kept choices."""
         dim = y.shape[-1]
         gathered = y.reshape(-1, dim).index_select(0, self.token_slot)
+        # A dropped choice read slot 0 above; zero it so that a non-finite value
+        # there (another token's) cannot leak in through 0 * NaN.
+        gathered = gathered.masked_fill(self.dropped, 0.0)
         gathered = gathered.view(self.groups * self.group_size, self.k, dim)
         w = self.weights.reshape(-1, self.k, 1).to(gathered.dtype)
         if self.k == 1:

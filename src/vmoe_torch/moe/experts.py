@@ -16,8 +16,9 @@ class Experts(nn.Module):
     """
 
     def __init__(self, num_experts: int, dim: int, mlp_dim: int,
-                 dropout_rate: float = 0.0) -> None:
+                 dropout_rate: float = 0.0, gelu: str = "tanh") -> None:
         super().__init__()
+        self.approximate = "tanh" if gelu == "tanh" else "none"
         self.num_experts, self.dim, self.mlp_dim = num_experts, dim, mlp_dim
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, mlp_dim))
         self.b1 = nn.Parameter(torch.empty(num_experts, mlp_dim))
@@ -36,7 +37,7 @@ class Experts(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(E, N, D) -> (E, N, D)."""
         h = torch.baddbmm(self.b1.unsqueeze(1).to(x.dtype), x, self.w1.to(x.dtype))
-        h = self.dropout(F.gelu(h, approximate="tanh"))
+        h = self.dropout(F.gelu(h, approximate=self.approximate))
         return self.dropout(torch.baddbmm(self.b2.unsqueeze(1).to(h.dtype), h, self.w2.to(h.dtype)))
 
     def extra_repr(self) -> str:

@@ -57,6 +57,7 @@ class MoeMlp(nn.Module):
       routing: the layer's `RoutingConfig` (default: `RoutingConfig()`).
       group_size: tokens per routing group (None: the whole batch is one group).
       dropout_rate: dropout inside the experts.
+      gelu: "tanh" (flax's approximation) or "erf" inside the experts.
       ensemble_size: M > 1 makes this an E^3 layer: its input is (B*M, N, D),
         row b*M + m being image b for member m; inside, tokens are laid out
         (B, N, M) so that members alternate fastest in every group (the
@@ -67,7 +68,8 @@ class MoeMlp(nn.Module):
 
     def __init__(self, dim: int, mlp_dim: int, num_experts: int,
                  routing: Optional[RoutingConfig] = None, *, group_size: Optional[int] = None,
-                 dropout_rate: float = 0.0, ensemble_size: int = 1, **routing_changes: Any) -> None:
+                 dropout_rate: float = 0.0, ensemble_size: int = 1, gelu: str = "tanh",
+                 **routing_changes: Any) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
@@ -78,7 +80,7 @@ class MoeMlp(nn.Module):
         self.ensemble_size = ensemble_size
         self.router: Router = build_router(dim, num_experts, config, group_size, ensemble_size,
                                            init=False)
-        self.experts = Experts(num_experts, dim, mlp_dim, dropout_rate)
+        self.experts = Experts(num_experts, dim, mlp_dim, dropout_rate, gelu)
         self.router.reset_parameters()
         self.generator: Optional[torch.Generator] = None
         # Analysis hook: when a list, each routed run of a top-K router

@@ -141,6 +141,9 @@ def top_experts_per_item(
        then every top-2 choice, ...; each takes its expert's next free slot.
     4. A choice whose slot is >= `capacity` is dropped.
 
+    A token whose gates are not finite (NaN/Inf input) takes no slot and is
+    dropped: it cannot displace other tokens (finite inputs are unaffected).
+
     Args:
       gates: (G, S, E) routing probabilities.
     Returns:
@@ -156,19 +159,22 @@ def top_experts_per_item(
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}.")
     top_gates, expert_index = sorted_top_k(gates, k)            # (G, S, K)
-    order_index = expert_index
+    # Non-finite tokens count in a phantom expert E, so they use no real slot.
+    finite = torch.isfinite(top_gates).all(-1, keepdim=True)    # (G, S, 1)
+    order_index = torch.where(finite, expert_index, num_experts)
     perm = None
     if batch_priority:
         score = priority_scores(top_gates.detach(), priority, generator)
         perm = torch.sort(score, dim=1, descending=True, stable=True).indices  # (G, S)
-        order_index = expert_index.gather(1, perm.unsqueeze(-1).expand(-1, -1, k))
+        order_index = order_index.gather(1, perm.unsqueeze(-1).expand(-1, -1, k))
     # (G, S, K) -> (G, K*S): choice-major so all top-1 choices come first.
     flat = order_index.transpose(1, 2).reshape(groups, k * group_size)
-    positions = positions_within_expert(flat, num_experts)
+    positions = positions_within_expert(flat, num_experts + 1)
     positions = positions.view(groups, k, group_size).transpose(1, 2)  # (G, S, K)
     if perm is not None:
         positions = torch.empty_like(positions).scatter_(
             1, perm.unsqueeze(-1).expand(-1, -1, k), positions)
+    positions = torch.where(finite, positions, capacity)
     return TopExpertsRouting(expert_index=expert_index, buffer_index=positions,
                              combine_weights=top_gates, capacity=capacity,
                              num_experts=num_experts)

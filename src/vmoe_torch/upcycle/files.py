@@ -1,0 +1,97 @@
+"""Reading dense ViT weight files without unpickling anything untrusted.
+
+- `.safetensors`: safetensors (a pickle renamed `.safetensors` is refused
+  with a message saying so);
+- `.bin` / `.pth` / `.pt`: `torch.load(weights_only=True)`, which refuses
+  arbitrary objects;
+- `.npz`: `numpy.load(allow_pickle=False)`;
+- a directory: `model.safetensors` (else `pytorch_model.bin`) with its
+  `config.json` (Hugging Face layout).
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+class SourceError(ValueError):
+    """A dense source that cannot be read or mapped; the message names the file
+    and the fix."""
+
+
+def _is_pickle(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head[:1] == b"\x80" or zipfile.is_zipfile(path)
+
+
+def load_safetensors(path: str) -> State:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        if _is_pickle(path):
+            raise SourceError(f"{path!r} is not a safetensors file (it looks like a pickle / "
+                              "torch.save file). Rename it .pth/.bin to load it with "
+                              "torch.load(weights_only=True), or convert it to safetensors.") from e
+        raise SourceError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): "
+                          f"{e}") from e
+
+
+def load_torch(path: str) -> State:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report any failure with the file name
+        raise SourceError(f"Cannot read {path!r} with torch.load(weights_only=True): {e}. "
+                          "Only plain state_dicts of tensors are accepted.") from e
+    for key in ("state_dict", "model", "module"):  # common training-checkpoint wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SourceError(f"{path!r} does not hold a state_dict of tensors.")
+    return dict(obj)
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"Cannot read {path!r} as a numpy .npz archive (without pickle): {e}") from e
+
+
+def load_weights(path: str) -> State:
+    """A state_dict from a .safetensors / .bin / .pth / .pt file or a Hugging
+    Face model directory."""
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(path, name)):
+                return load_weights(os.path.join(path, name))
+        raise SourceError(f"{path!r} has neither model.safetensors nor pytorch_model.bin.")
+    if not os.path.exists(path):
+        raise SourceError(f"{path!r} does not exist.")
+    if path.endswith(".safetensors"):
+        return load_safetensors(path)
+    if path.endswith((".bin", ".pth", ".pt")):
+        return load_torch(path)
+    raise SourceError(f"Unknown weight file type {path!r}: use .safetensors, .bin, .pth, .pt "
+                      "(or .npz for vit_jax).")
+
+
+def load_json(path: str) -> Optional[dict[str, Any]]:
+    """A JSON file next to the weights, or None when absent."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{path!r} is not valid JSON: {e}") from e
