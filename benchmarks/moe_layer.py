@@ -98,9 +98,17 @@ def bench_soft(shape: str, experts: int, k: int, repeats: int) -> dict:
     def run_experts():
         layer.experts(buf).square().mean().backward()
 
-    t = timed({"soft": run_soft, "experts": run_experts}, repeats)
+    def run_soft_fp32():  # without the reference's bfloat16 rounding around the experts
+        layer.set_routing(bfloat16_dispatch=False)
+        try:
+            run_soft()
+        finally:
+            layer.set_routing(bfloat16_dispatch=None)
+
+    t = timed({"soft": run_soft, "experts": run_experts, "soft32": run_soft_fp32}, repeats)
     return dict(shape=shape, E=experts, K=k, p=slots, soft_ms=t["soft"] * 1e3,
-                experts_ms=t["experts"] * 1e3, soft_over_experts=t["soft"] / t["experts"])
+                experts_ms=t["experts"] * 1e3, soft32_ms=t["soft32"] * 1e3,
+                soft_over_experts=t["soft"] / t["experts"], soft32_over_experts=t["soft32"] / t["experts"])
 
 
 def main() -> None:
@@ -110,9 +118,18 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--experts", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--k", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--soft-only", action="store_true", help="only the Soft MoE rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, median of {args.repeats}")
+    print(f"torch {torch.__version__}, {args.threads} threads, fp32, median of {args.repeats}; "
+          f"CPU capability: {torch.backends.cpu.get_cpu_capability()}")
+    if not args.soft_only:
+        sparse_rows(args)
+    print()
+    soft_rows(args)
+
+
+def sparse_rows(args: argparse.Namespace) -> None:
     print("| shape | E | K | C | MoE layer (ms) | expert MLP alone (ms) | einsum MoE (ms) "
           "| MoE / experts | einsum / MoE |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -123,16 +140,19 @@ def main() -> None:
                 print(f"| {r['shape']} | {e} | {k} | {r['C']} | {r['moe_ms']:.1f} | {r['experts_ms']:.1f} "
                       f"| {r['einsum_ms']:.1f} | {r['moe_over_experts']:.3f} | {r['einsum_over_moe']:.2f} |",
                       flush=True)
-    print()
+
+
+def soft_rows(args: argparse.Namespace) -> None:
     print("| Soft MoE shape | E | matched K | slots p | Soft MoE layer (ms) | expert MLP alone (ms) "
-          "| Soft MoE / experts |")
-    print("|---|---|---|---|---|---|---|")
+          "| Soft MoE, fp32 dispatch (ms) | Soft MoE / experts | fp32 dispatch / experts |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         for e in args.experts:
             for k in args.k:
                 r = bench_soft(shape, e, k, args.repeats)
                 print(f"| {r['shape']} | {e} | {k} | {r['p']} | {r['soft_ms']:.1f} | {r['experts_ms']:.1f} "
-                      f"| {r['soft_over_experts']:.3f} |", flush=True)
+                      f"| {r['soft32_ms']:.1f} | {r['soft_over_experts']:.3f} | {r['soft32_over_experts']:.3f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

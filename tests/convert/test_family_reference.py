@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import MODELS, npz
+
 from vmoe_torch.convert import load_reference_config, model_from_reference
 from vmoe_torch.convert.reference import model_to_reference
 from vmoe_torch.models import ensemble_log_probs
@@ -56,7 +56,8 @@ def test_soft_router_weights_slots_and_outputs(case):
         np.testing.assert_allclose(combine.numpy(), inter[f"{prefix}/Router/__call__/0/0/dispatcher/combine_weights"],
                                    atol=2e-6)
         # Slot inputs enter the experts' first Dense: compare its output buffer (E, G*p, H).
-        assert layer.capacity_for(layer.group_size) == inter[f"{prefix}/Mlp/Dense_0/__call__/0"].shape[1] // groups.shape[0]
+        slot_rows = inter[f"{prefix}/Mlp/Dense_0/__call__/0"].shape[1]
+        assert layer.capacity_for(layer.group_size) == slot_rows // groups.shape[0]
         np.testing.assert_allclose(y.reshape(inter[f"{prefix}/__call__/0/0"].shape).numpy(),
                                    inter[f"{prefix}/__call__/0/0"], atol=2e-5)
 
@@ -86,7 +87,6 @@ def test_e3_dispatch_plan_and_ensemble_eval():
         owner = torch.arange(layer.num_experts) // 2
         off = member.view(1, -1, 1) != owner.view(1, 1, -1)
         assert (gates[off.expand_as(gates)] == 0).all()
-        from vmoe_torch.moe import routing_to_dense, top_experts_per_item
         r = layer.routing
         plan = top_experts_per_item(gates, r.num_selected_experts, layer.capacity_for(layer.group_size),
                                     r.batch_priority)

@@ -38,7 +38,7 @@ def test_layer_gets_the_config_object_unchanged():
     layer = MoeMlp(8, 16, 4, cfg, group_size=10)
     assert layer.routing is cfg
     model = _tiny()
-    assert all(l.routing is model.config.moe.routing for l in model.moe_layers().values())
+    assert all(layer_.routing is model.config.moe.routing for layer_ in model.moe_layers().values())
 
 
 def test_per_layer_routing_is_what_config_reports_and_saves(tmp_path):
@@ -89,13 +89,13 @@ def test_dispatch_impl_names_are_checked_and_einsum_matches():
         layer.dispatch_impl = "foo"
     with torch.no_grad():
         ref = model(x)
-        for l in model.moe_layers().values():
-            l.dispatch_impl = "einsum"
+        for layer_ in model.moe_layers().values():
+            layer_.dispatch_impl = "einsum"
         torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)
         with model.routing(router="expert_choice", capacity_factor=1.0):
             ec_einsum = model(x)
-            for l in model.moe_layers().values():
-                l.dispatch_impl = "index"
+            for layer_ in model.moe_layers().values():
+                layer_.dispatch_impl = "index"
             torch.testing.assert_close(model(x), ec_einsum, rtol=1e-6, atol=1e-6)
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import MODELS, load_json
 from safetensors.torch import save_file
 
-from conftest import MODELS, load_json
 from vmoe_torch.upcycle import SourceError, dense_model, read_dense
 
 timm = pytest.importorskip("timm")

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-
 from helpers import TINY
+
 from vmoe_torch.upcycle import SourceError, dense_model, upcycle
 
 timm = pytest.importorskip("timm")
@@ -132,6 +132,7 @@ def test_native_round_trip_and_gelu_guard(tmp_path):
     upcycles, exports to vmoe's native format and reads back identically; a
     timm source (exact GELU) refuses to export instead of changing."""
     from conftest import MODELS
+
     from vmoe_torch.convert.reference import model_from_reference, model_to_reference
     moe = upcycle(str(MODELS / "j_vit_jax_npz_token" / "model.npz"), _target((1,), 4, 2 * 17),
                   noise_std=0.01)
@@ -149,8 +150,9 @@ def test_native_round_trip_and_gelu_guard(tmp_path):
 def test_upcycled_model_trains_and_resumes_after_sigkill(tmp_path):
     """`vmoe finetune --init UPCYCLED`: loss falls over a few dozen steps, and a
     run SIGKILLed after its first checkpoint resumes to the same losses."""
-    from vmoe_torch.convert.pretrained import save_pretrained
     from timm.models.vision_transformer import VisionTransformer
+
+    from vmoe_torch.convert.pretrained import save_pretrained
     torch.manual_seed(0)
     src = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
                             num_classes=10)

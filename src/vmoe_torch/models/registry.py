@@ -152,7 +152,8 @@ def resolve_config(name: str, **overrides: Any) -> ModelConfig:
         n = model_kw["num_classes"]
         model_kw["head_bias_init"] = -math.log(n) if n > 1 else 0.0
     if (moe_kw or routing_kw) and cfg.moe is None and "moe" not in model_kw:
-        raise ValueError(f"{name!r} is a dense model: MoE/routing overrides {sorted(moe_kw) + sorted(routing_kw)} do not apply.")
+        raise ValueError(f"{name!r} is a dense model: MoE/routing overrides "
+                         f"{sorted(moe_kw) + sorted(routing_kw)} do not apply.")
     images = _images_per_group(cfg)
     cfg = dataclasses.replace(cfg, **model_kw)
     if cfg.moe is not None and (moe_kw or routing_kw or "image_size" in model_kw):

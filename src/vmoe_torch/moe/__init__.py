@@ -6,15 +6,30 @@ per expert, M ensemble members.
 """
 from .capacity import compute_capacity
 from .config import ROUTERS, RoutingConfig
-from .dispatch import (Bfloat16Dispatcher, Dispatcher, EinsumDispatcher, ExpertChoiceDispatcher,
-                       IndexDispatcher, SoftDispatcher, dense_combine_weights, routing_to_dense,
-                       top_items_to_dense)
+from .dispatch import (
+                       Bfloat16Dispatcher,
+                       Dispatcher,
+                       EinsumDispatcher,
+                       ExpertChoiceDispatcher,
+                       IndexDispatcher,
+                       SoftDispatcher,
+                       dense_combine_weights,
+                       routing_to_dense,
+                       top_items_to_dense,
+)
 from .experts import Experts
 from .layer import MoeMlp, split_into_groups
 from .routers import ExpertChoiceRouter, Router, SoftRouter, TopExpertsRouter, build_router
-from .routing import (TopExpertsRouting, TopItemsRouting, gshard_loss, importance_loss,
-                      load_loss, top_experts_per_item, top_items_metrics,
-                      top_items_per_expert)
+from .routing import (
+                       TopExpertsRouting,
+                       TopItemsRouting,
+                       gshard_loss,
+                       importance_loss,
+                       load_loss,
+                       top_experts_per_item,
+                       top_items_metrics,
+                       top_items_per_expert,
+)
 from .soft import soft_num_slots, soft_router_logits, soft_weights
 
 __all__ = [

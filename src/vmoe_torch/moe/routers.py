@@ -23,11 +23,25 @@ from torch import Tensor, nn
 from ..layers.init import lecun_normal_
 from .capacity import compute_capacity
 from .config import RoutingConfig
-from .dispatch import (Bfloat16Dispatcher, Dispatcher, EinsumDispatcher, ExpertChoiceDispatcher,
-                       IndexDispatcher, SoftDispatcher, routing_to_dense,
-                       top_items_to_dense)
-from .routing import (TopExpertsRouting, gshard_loss, importance_loss, load_loss,
-                      top_experts_per_item, top_items_metrics, top_items_per_expert)
+from .dispatch import (
+    Bfloat16Dispatcher,
+    Dispatcher,
+    EinsumDispatcher,
+    ExpertChoiceDispatcher,
+    IndexDispatcher,
+    SoftDispatcher,
+    routing_to_dense,
+    top_items_to_dense,
+)
+from .routing import (
+    TopExpertsRouting,
+    gshard_loss,
+    importance_loss,
+    load_loss,
+    top_experts_per_item,
+    top_items_metrics,
+    top_items_per_expert,
+)
 from .soft import soft_metrics, soft_num_slots, soft_router_logits, soft_weights
 
 Metrics = dict[str, Tensor]

@@ -18,8 +18,16 @@ from ..models.config import ModelConfig, MoeConfig
 from ..models.variants import parse_description
 from ..models.vit_moe import VisionTransformerMoe
 from .files import SourceError, load_json, load_npz, load_weights
-from .readers import (IMAGENET_MEAN, IMAGENET_STD, DenseSource, fold_input_normalization, read_hf,
-                      read_timm, read_torchvision, read_vit_jax)
+from .readers import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DenseSource,
+    fold_input_normalization,
+    read_hf,
+    read_timm,
+    read_torchvision,
+    read_vit_jax,
+)
 
 FORMATS = ("timm", "torchvision", "hf", "vit_jax", "native", "vmoe_torch")
 Source = Union[str, nn.Module, Mapping[str, Any]]
