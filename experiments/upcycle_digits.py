@@ -8,6 +8,8 @@
    b. upcycled: `vmoe_torch.upcycle` of the same checkpoint into
       "ViT-Mi/8, E=8, K=2, Every 1" with the demo V-MoE's routing
       (configs/upcycle_digits.yaml).
+   c. dense again, for as many extra steps as fit in the upcycled arm's wall
+      clock (equal time rather than equal steps).
 3. Print test accuracy and wall clock of every phase as a Markdown table and
    write OUT/results.json.
 
@@ -26,7 +28,7 @@ import torch
 from vmoe_torch.config import load_config
 from vmoe_torch.convert.pretrained import save_pretrained
 from vmoe_torch.train.trainer import Trainer
-from vmoe_torch.upcycle import upcycle
+from vmoe_torch.upcycling import upcycle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "..", "configs")
@@ -66,10 +68,16 @@ def main() -> None:
     upcycle_s = time.perf_counter() - start
     up_eval, up_s = _run("upcycle_digits.yaml", os.path.join(args.out, "upcycled"),
                          seed + [f"train.steps={args.extra}", f"finetune.init={up_dir}"])
+    same_time = max(args.extra, round(args.extra * up_s / dense_s))
+    long_cont = [c for c in cont if not c.startswith("train.steps=")] + [f"train.steps={same_time}"]
+    long_eval, long_s = _run("demo_dense.yaml", os.path.join(args.out, "dense_equal_time"),
+                             long_cont + ["model.overrides={}"])
     rows = [("dense, pre-trained", args.pre, pre_eval, pre_s),
             (f"dense, + {args.extra} steps", args.pre + args.extra, dense_eval, dense_s),
             (f"upcycled V-MoE (E=8, K=2, every block), + {args.extra} steps", args.pre + args.extra,
-             up_eval, up_s)]
+             up_eval, up_s),
+            (f"dense, + {same_time} steps (the upcycled arm's wall clock)", args.pre + same_time,
+             long_eval, long_s)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; upcycling itself took {upcycle_s:.1f} s")
     print("| model | total steps | test top-1 | test top-5 | wall clock of this phase (s) |")
     print("|---|---|---|---|---|")

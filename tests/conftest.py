@@ -11,7 +11,7 @@ import torch
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 ROUTING = FIXTURES / "routing"
 MODELS = FIXTURES / "models"
-MODEL_CASES = sorted(p.name for p in MODELS.iterdir() if p.is_dir())
+MODEL_CASES = sorted(p.name for p in MODELS.iterdir() if (p / "ckpt.index").exists())  # native checkpoints
 
 torch.set_num_threads(2)
 

@@ -5,7 +5,7 @@ from .moe import MoeMlp, RoutingConfig
 __version__ = "0.1.0"
 
 __all__ = ["ModelConfig", "MoeConfig", "VisionTransformerMoe", "create_model", "list_models",
-           "MoeMlp", "RoutingConfig", "from_pretrained"]
+           "MoeMlp", "RoutingConfig", "from_pretrained", "upcycle"]
 
 
 def from_pretrained(path: str, **kwargs):
@@ -13,3 +13,11 @@ def from_pretrained(path: str, **kwargs):
     (model.safetensors + config.json)."""
     from .convert.pretrained import from_pretrained as _load
     return _load(path, **kwargs)
+
+
+def upcycle(source, model, **options):
+    """Sparse upcycling of a dense ViT (timm, torchvision, Hugging Face,
+    vit_jax, vmoe native or ours) into a V-MoE; see
+    `vmoe_torch.upcycling.upcycle` for the arguments."""
+    from .upcycling import upcycle as _upcycle
+    return _upcycle(source, model, **options)

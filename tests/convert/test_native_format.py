@@ -67,7 +67,9 @@ def test_safetensors_round_trip_identical_outputs(tmp_path):
     d = CASE_B
     model = model_from_reference(str(d / "ckpt"), load_reference_config(str(d / "config.json")))
     save_pretrained(model, str(tmp_path / "m"))
-    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "m")) == ["README.md", "config.json", "model.safetensors"]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "Router `top_experts`, K = 2" in card and "Batch Priority Routing on" in card
     back = from_pretrained(str(tmp_path / "m"))
     x = torch.from_numpy(np.load(d / "images.npy")).permute(0, 3, 1, 2)
     with torch.no_grad():

@@ -143,3 +143,21 @@ def test_soft_config_errors_and_fixed_slots():
     layer.set_routing(num_slots=layer.router.num_slots)  # same p: allowed
     with pytest.raises(ValueError, match="sparse routers"):
         layer.router_logits(torch.randn(1, 6, 8))
+
+
+def test_bf16_autocast_keeps_the_soft_router_in_fp32():
+    layer = _soft_layer().train()
+    x = torch.randn(2, 6, 8)
+    seen = {}
+    orig = layer.router.forward
+
+    def spy(*args, **kw):
+        dispatcher, metrics = orig(*args, **kw)
+        seen["dtype"] = dispatcher.inner.dispatch_weights.dtype
+        return dispatcher, metrics
+    layer.router.forward = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(x)
+    assert seen["dtype"] == torch.float32 and y.dtype == x.dtype
+    y.float().square().sum().backward()
+    assert layer.router.mu.grad is not None and torch.isfinite(layer.router.mu.grad).all()

@@ -9,7 +9,7 @@ import torch
 from conftest import MODELS, load_json
 from safetensors.torch import save_file
 
-from vmoe_torch.upcycle import SourceError, dense_model, read_dense
+from vmoe_torch.upcycling import SourceError, dense_model, read_dense
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

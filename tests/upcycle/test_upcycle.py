@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import TINY
 
-from vmoe_torch.upcycle import SourceError, dense_model, upcycle
+from vmoe_torch.upcycling import SourceError, dense_model, upcycle
 
 timm = pytest.importorskip("timm")
 
@@ -194,3 +194,9 @@ def _target(layers, experts, group_size):
     from vmoe_torch.moe import RoutingConfig
     return MoeConfig(layers=layers, num_experts=experts, group_size=group_size,
                      routing=RoutingConfig(num_selected_experts=2, capacity_factor=1.05))
+
+
+def test_package_level_entry_point(tmp_path):
+    import vmoe_torch
+    _, path = _timm_source(tmp_path)
+    assert vmoe_torch.upcycle(path, _description()).config.moe.num_experts == 4

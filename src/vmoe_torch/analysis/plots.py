@@ -33,10 +33,11 @@ def plot_capacity_sweep(rows: Sequence[dict[str, Any]], path: str, title: str = 
         ax2.plot(cf, [r["processed_fraction"] for r in sel], **style)
     if soft is not None:
         label = f"Soft MoE ({soft['slots_per_expert']} slots/expert)"
+        # zorder above the legend, which may sit where the point falls
         ax1.plot([soft["equivalent_capacity_factor"]], [soft["test_accuracy"]], marker="*",
-                 markersize=14, linestyle="none", color="black", label=label)
+                 markersize=14, linestyle="none", color="black", label=label, zorder=10)
         ax2.plot([soft["equivalent_capacity_factor"]], [1.0], marker="*", markersize=14,
-                 linestyle="none", color="black", label=label)
+                 linestyle="none", color="black", label=label, zorder=10)
     for ax, ylabel in ((ax1, "test accuracy (fraction)"),
                        (ax2, "tokens processed by >= 1 expert (fraction)")):
         ax.set_xscale("log", base=2)

@@ -114,18 +114,14 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..data.pipeline import build_datasets, eval_batches
-    from ..evaluate.classification import evaluate_classification, format_grid, routing_grid
+    from ..evaluate.classification import evaluate_at_capacity, format_grid, routing_grid
     from ..train.trainer import load_model
     cfg = _load(args)
     model = load_model(args.checkpoint)
     _, test = build_datasets(cfg.data)
     loader = lambda: eval_batches(test, cfg.data.eval_batch_size)
     result = {"eval_batch_size": cfg.data.eval_batch_size}
-    if cfg.eval.capacity_factor is not None and model.moe_layers():
-        with model.routing(capacity_factor=cfg.eval.capacity_factor):
-            result["test"] = evaluate_classification(model, loader())
-    else:
-        result["test"] = evaluate_classification(model, loader())
+    result["test"] = evaluate_at_capacity(model, loader(), cfg.eval.capacity_factor)
     print(f"top-1 {result['test']['top1']:.4f}  top-5 {result['test']['top5']:.4f}")
     if args.grid:
         rows = routing_grid(model, loader, cfg.eval.grid_capacity_factors,

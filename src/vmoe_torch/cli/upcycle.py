@@ -8,7 +8,7 @@ from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..upcycle import FORMATS
+    from ..upcycling import FORMATS
     p = sub.add_parser(
         "upcycle", help="sparse-upcycle a dense ViT checkpoint into a V-MoE",
         description="Reads SOURCE (a .safetensors/.bin/.pth file, a Hugging Face directory, a "
@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..convert.pretrained import save_pretrained
     from ..convert.reference import load_reference_config
-    from ..upcycle import read_dense, upcycle
+    from ..upcycling import read_dense, upcycle
 
     if os.path.exists(args.out_dir) and not args.overwrite:
         raise FileExistsError(f"{args.out_dir!r} already exists; pass --overwrite to replace it.")

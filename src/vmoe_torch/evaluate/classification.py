@@ -57,6 +57,24 @@ def processed_fraction(result: dict[str, float]) -> tuple[float, dict[str, float
     return overall, per_layer
 
 
+def evaluate_at_capacity(model, loader: Iterable, capacity_factor: Optional[float],
+                         bf16: bool = False) -> dict[str, float]:
+    """`evaluate_classification` with every sparse MoE layer at
+    `capacity_factor` (None: as configured). Soft MoE layers drop nothing and
+    keep their slots: the factor does not apply to them."""
+    sparse = [layer for layer in model.moe_layers().values() if layer.routing.router != "soft"]
+    if capacity_factor is None or not sparse:
+        return evaluate_classification(model, loader, bf16=bf16)
+    saved = [layer.routing for layer in sparse]
+    try:
+        for layer in sparse:
+            layer.set_routing(capacity_factor=capacity_factor)
+        return evaluate_classification(model, loader, bf16=bf16)
+    finally:
+        for layer, routing in zip(sparse, saved):
+            layer.apply_routing(routing)
+
+
 def routing_grid(model, loader_fn, capacity_factors: Sequence[float],
                  num_selected_experts: Optional[Sequence[int]] = None,
                  batch_priority: Sequence[bool] = (False, True), bf16: bool = False) -> list[dict]:
@@ -69,6 +87,11 @@ def routing_grid(model, loader_fn, capacity_factors: Sequence[float],
     layers = model.moe_layers()
     if not layers:
         raise ValueError("routing_grid needs a model with MoE layers.")
+    if any(layer.routing.router == "soft" for layer in layers.values()):
+        raise ValueError("The routing grid sweeps capacity, K and BPR of sparse routers; Soft MoE "
+                         "drops nothing and its slot count is fixed by its parameters. Evaluate it "
+                         "without --grid (or place it on a sparse model's sweep: vmoe analyze "
+                         "--soft-moe).")
     trained_k = next(iter(layers.values())).routing.num_selected_experts
     ks = list(num_selected_experts) if num_selected_experts else sorted({trained_k, 1}, reverse=True)
     rows = []

@@ -21,7 +21,7 @@ import yaml
 from ..config.schema import ExperimentConfig, config_to_dict
 from ..convert.pretrained import save_pretrained
 from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model_range
-from ..evaluate.classification import evaluate_classification
+from ..evaluate.classification import evaluate_at_capacity
 from ..models.registry import create_model
 from ..models.vit_moe import VisionTransformerMoe
 from ..utils.io import atomic_write_json, atomic_write_text
@@ -332,12 +332,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Test accuracy at the evaluation capacity factor."""
-        cf = self.cfg.eval.capacity_factor
         loader = eval_batches(self.test_ds, self.cfg.data.eval_batch_size)
-        if cf is not None and self.model.moe_layers():
-            with self.model.routing(capacity_factor=cf):
-                return evaluate_classification(self.model, loader, bf16=self.cfg.train.bf16)
-        return evaluate_classification(self.model, loader, bf16=self.cfg.train.bf16)
+        return evaluate_at_capacity(self.model, loader, self.cfg.eval.capacity_factor, bf16=self.cfg.train.bf16)
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:
