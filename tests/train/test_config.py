@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vmoe_torch.config import load_config
 
@@ -42,3 +44,76 @@ def test_every_config_file_loads():
         assert "Command:" in text and "Expected:" in text, f.name
         model_cfg = resolve_config(cfg.model.name, image_size=cfg.data.image_size, **cfg.model.overrides)
         assert model_cfg.image_size == (cfg.data.image_size,) * 2
+
+
+@pytest.mark.parametrize("override,match", [
+    ("schedule.name=cosine", "schedule.name: 'cosine' is not one of"),       # a typo of warmup_cosine_decay
+    ("data.batch_size=yes", "data.batch_size: expected int, got the boolean"),
+    ("train.loss=mse", "train.loss: 'mse' is not one of"),
+    ("data.randaugment=[2]", "data.randaugment"),
+    ("optim.name=adamm", "optim.name: 'adamm' is not one of"),
+    ("train.steps=1.5", "train.steps: expected int"),
+    ("train.bf16=1", "train.bf16: expected bool"),
+    ("model.overrides.capacity_factor=.inf", "capacity_factor must be a finite"),
+    ("model.overrides.dispatch=foo", "Unknown override"),
+    ("model.overrides.router=sparse", "Unknown router"),
+    ("model.name=ViT-Q/16", "Cannot parse model description"),
+])
+def test_enumerated_and_typed_fields_are_checked_at_load(override, match):
+    from vmoe_torch.utils.typed_config import ConfigError
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_finetune_overrides_are_routing_changes_checked_at_load():
+    from vmoe_torch.utils.typed_config import ConfigError
+    load_config(None, ["finetune.init=/somewhere", "model.overrides.capacity_factor=1.5"])
+    with pytest.raises(ConfigError, match="Unknown routing setting"):
+        load_config(None, ["finetune.init=/somewhere", "model.overrides.capacity_factr=1.5"])
+
+
+# -------------------------------------------------------------------- fuzz
+def _leaves(cls, prefix=""):
+    import dataclasses
+    import typing
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaves(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+def _schema_keys():
+    from vmoe_torch.config.schema import ExperimentConfig
+    return sorted(_leaves(ExperimentConfig))
+
+
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.lists(st.one_of(st.integers(-2, 50), st.floats(-1, 5), st.text(max_size=4)),
+                                   max_size=4),
+    st.sampled_from(["digits", "adamw", "sgd", "warmup_cosine_decay", "softmax_xent", "auto", "cpu",
+                     "vmoe_mi4_every1", "ViT-S/32, E=8, K=2, Last 2"]),
+    st.dictionaries(st.sampled_from(["num_experts", "capacity_factor", "router", "group_size", "foo"]),
+                    st.one_of(st.integers(-1, 16), st.floats(-1, 4), st.text(max_size=5)), max_size=3))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(_schema_keys()), _VALUES, min_size=1, max_size=4))
+def test_fuzzed_configs_load_or_raise_a_clear_config_error(changes):
+    """Random types and values for every field: either a valid config or a
+    ConfigError that names a key; never another exception."""
+    from vmoe_torch.config.schema import ExperimentConfig, _set_dotted, from_dict, validate
+    from vmoe_torch.utils.typed_config import ConfigError
+    data: dict = {}
+    for key, value in changes.items():
+        _set_dotted(data, key, value)
+    try:
+        cfg = from_dict(ExperimentConfig, data)
+        validate(cfg)
+    except ConfigError as e:
+        assert str(e)
+        return
+    assert cfg.train.steps >= 1 and cfg.data.batch_size >= 1

@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from ..utils.typed_config import from_dict, to_dict
+from ..utils.typed_config import ConfigError, from_dict, to_dict
 
 
 @dataclass
@@ -27,7 +27,7 @@ class DataConfig:
     "cifar100" or "hf" (Hugging Face datasets from local disk).
     `path`: the dataset directory (not used by "digits")."""
 
-    name: str = "digits"
+    name: Literal["digits", "imagefolder", "cifar10", "cifar100", "hf"] = "digits"
     path: Optional[str] = None
     image_size: int = 32
     batch_size: int = 64
@@ -154,9 +154,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     data: dict[str, Any] = {}
     if path is not None:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path!r} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
-            raise ValueError(f"{path!r} must hold a YAML mapping.")
+            raise ConfigError(f"{path!r} must hold a YAML mapping.")
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(ExperimentConfig, data)
     validate(cfg)
@@ -164,23 +167,49 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Checks that need no data; raises ValueError naming the problem."""
-    if cfg.train.steps < 1:
-        raise ValueError(f"train.steps must be >= 1, got {cfg.train.steps}.")
-    if cfg.train.grad_accum < 1:
-        raise ValueError(f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}.")
-    if cfg.data.batch_size < 1 or cfg.data.batch_size % cfg.train.grad_accum:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be a positive multiple of "
-                         f"train.grad_accum={cfg.train.grad_accum}.")
-    if cfg.optim.lr <= 0:
-        raise ValueError(f"optim.lr must be > 0, got {cfg.optim.lr}.")
-    if cfg.schedule.warmup_steps < 0:
-        raise ValueError("schedule.warmup_steps must be >= 0.")
-    if cfg.data.name not in ("digits", "imagefolder", "cifar10", "cifar100", "hf"):
-        raise ValueError(f"Unknown data.name {cfg.data.name!r}: use digits, imagefolder, cifar10, "
-                         "cifar100 or hf.")
-    if cfg.data.name != "digits" and not cfg.data.path:
-        raise ValueError(f"data.path is required for data.name={cfg.data.name!r}.")
+    """Checks that need no data, including the model the config describes;
+    raises ConfigError naming the problem, before anything is built."""
+    checks = [
+        (cfg.train.steps >= 1, f"train.steps must be >= 1, got {cfg.train.steps}."),
+        (cfg.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}."),
+        (cfg.data.batch_size >= 1 and cfg.data.batch_size % cfg.train.grad_accum == 0,
+         f"data.batch_size={cfg.data.batch_size} must be a positive multiple of "
+         f"train.grad_accum={cfg.train.grad_accum}."),
+        (cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {cfg.data.eval_batch_size}."),
+        (cfg.data.image_size >= 1, f"data.image_size must be >= 1, got {cfg.data.image_size}."),
+        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}."),
+        (cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}."),
+        (cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps must be >= 0."),
+        (cfg.train.log_every >= 1 and cfg.train.checkpoint_every >= 1,
+         "train.log_every and train.checkpoint_every must be >= 1."),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1."),
+        (cfg.data.mixup_alpha >= 0, "data.mixup_alpha must be >= 0."),
+        (cfg.data.name == "digits" or bool(cfg.data.path),
+         f"data.path is required for data.name={cfg.data.name!r}."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    _validate_model(cfg)
+
+
+def _validate_model(cfg: ExperimentConfig) -> None:
+    """The model section must build: a preset or description with valid
+    overrides, or (fine-tuning) valid routing changes."""
+    from ..models.registry import resolve_config
+    from ..moe.config import RoutingConfig
+    overrides = dict(cfg.model.overrides)
+    try:
+        if cfg.finetune.init is None:
+            resolve_config(cfg.model.name, image_size=cfg.data.image_size, **overrides)
+        else:
+            overrides.pop("head_bias_init", None)
+            routing = RoutingConfig().updated(**overrides)
+            # E is the checkpoint's, unknown here: the K <= E check runs when it is loaded.
+            k = routing.num_selected_experts
+            routing.validate(k if isinstance(k, int) and k >= 1 else 1)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model (name {cfg.model.name!r}, overrides {cfg.model.overrides}): {e}") from e
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -1,17 +1,24 @@
-"""Typed dataclass configs that reject unknown keys.
+"""Typed dataclass configs that reject unknown keys and ill-typed values.
 
 `from_dict(cls, data)` builds a (possibly nested) dataclass from plain
-JSON/YAML data, converting lists to tuples where the field is a tuple and
-raising a `ValueError` that names the offending key and lists the valid ones.
+JSON/YAML data, converting lists to tuples where the field is a tuple, and
+raises a `ConfigError` (a ValueError) that names the offending key and says
+what is valid: unknown keys (listing the valid ones), a value outside a
+`Literal` (listing the choices), a bool where a number is expected (YAML reads
+`yes` as true), a list of the wrong length, an element of the wrong type.
 """
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
-from typing import Any, Mapping, TypeVar, Union
+from typing import Any, Literal, Mapping, TypeVar, Union
 
 T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be accepted; the message names the key."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -20,32 +27,53 @@ def _is_dataclass_type(tp: Any) -> bool:
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
-            return None
+            if type(None) in typing.get_args(tp):
+                return None
+            raise ConfigError(f"{where}: a value is required, got null.")
         if len(args) == 1:
             return _convert(args[0], value, where)
+        errors = []
         for arg in args:  # first alternative that accepts the value
             try:
                 return _convert(arg, value, where)
-            except (TypeError, ValueError):
-                continue
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} fits none of the accepted types ({'; '.join(errors)}).")
+    if value is None:
+        raise ConfigError(f"{where}: a value is required, got null.")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or isinstance(value, bool) != any(isinstance(c, bool) for c in choices):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}.")
         return value
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}.")
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}.")
         return from_dict(tp, value, where=where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}.")
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        return tuple(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}.")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping with string keys, got {value!r}.")
+        return dict(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got the boolean {value!r} (YAML reads "
+                          "yes/no/on/off as booleans).")
+    if tp is float and isinstance(value, int):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" as a string
         try:
@@ -53,20 +81,20 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         except ValueError:
             pass
     if tp in (int, float, str, bool) and not isinstance(value, tp):
-        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}.")
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}.")
     return value
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     """Builds dataclass `cls` from `data`, rejecting unknown keys."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {data!r}.")
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ValueError(
+        raise ConfigError(
             f"Unknown config key(s) {[prefix + k for k in unknown]} for "
             f"{cls.__name__}; valid keys are {sorted(fields)}.")
     kwargs = {}
