@@ -30,3 +30,48 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
         atomic_write_text(str(path), None)  # type: ignore[arg-type]
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["report.md"]
+
+
+def test_results_respect_the_umask(tmp_path):
+    """Files and directories written atomically get what open/mkdir give under
+    the umask (not tempfile's private 0600/0700)."""
+    import stat
+
+    import torch
+
+    from vmoe_torch import create_model
+    from vmoe_torch.convert.pretrained import save_pretrained
+    from vmoe_torch.utils.io import atomic_directory
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(str(tmp_path / "eval.json"), {"top1": 1.0})
+        with atomic_directory(str(tmp_path / "d")) as d:
+            (open(os.path.join(d, "f"), "w")).close()
+        torch.manual_seed(0)
+        save_pretrained(create_model("vit_mi4"), str(tmp_path / "final"))
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "eval.json") == 0o644
+    assert mode(tmp_path / "d") == 0o755 and mode(tmp_path / "d" / "f") == 0o644
+    assert mode(tmp_path / "final") == 0o755 and mode(tmp_path / "final" / "model.safetensors") == 0o644
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+def test_atomic_directory_failure_and_overwrite(tmp_path):
+    from vmoe_torch.utils.io import atomic_directory
+    target = tmp_path / "out"
+    with atomic_directory(str(target)) as d:
+        open(os.path.join(d, "a"), "w").write("1")
+    with pytest.raises(FileExistsError):
+        with atomic_directory(str(target)):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_directory(str(target), overwrite=True) as d:
+            open(os.path.join(d, "a"), "w").write("2")
+            raise RuntimeError("killed half-way")
+    assert (target / "a").read_text() == "1"          # the old result is untouched
+    with atomic_directory(str(target), overwrite=True) as d:
+        open(os.path.join(d, "b"), "w").write("3")
+    assert sorted(os.listdir(target)) == ["b"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -35,6 +35,7 @@ def test_bad_configs_are_rejected(override, match):
 
 def test_every_config_file_loads():
     import pathlib
+
     from vmoe_torch.models import resolve_config
     files = sorted(pathlib.Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
     assert len(files) >= 9

@@ -25,7 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a config (resumes automatically)",
                        description="Trains the config's model on its data. If --workdir already holds "
                                    "a checkpoint of the same config, training resumes from it. "
-                                   "SIGTERM/SIGINT write a checkpoint and exit cleanly.")
+                                   "SIGTERM/SIGINT write a checkpoint and exit with 128 + the signal (143 / 130).")
     _common(p)
     p.add_argument("--force", action="store_true",
                    help="start over in a work dir that holds a checkpoint of a different config")
@@ -101,7 +101,14 @@ def run_train(args: argparse.Namespace) -> int:
     summary = trainer.fit()
     if trainer.rank == 0:
         print(json.dumps(summary, indent=2))
-    return 0
+    return exit_code(summary)
+
+
+def exit_code(summary: dict) -> int:
+    """0 when training finished; 128 + signal (143 for SIGTERM, 130 for
+    SIGINT) when a signal stopped it after its checkpoint, so schedulers see
+    that the job did not finish (rerun the same command to resume)."""
+    return 128 + int(summary["signal"]) if "signal" in summary else 0
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -109,7 +116,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     cfg = _load(args, [f"finetune.init={args.init}"])
     summary = Trainer(cfg, args.workdir, force=args.force).fit()
     print(json.dumps(summary, indent=2))
-    return 0
+    return exit_code(summary)
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -8,15 +8,15 @@ The format is described in docs/checkpoints.md.
 """
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 import msgpack
 import numpy as np
+
+from ..utils.io import atomic_write_bytes
 
 VERSION = "20220622"
 MAGIC = "__msgpack_array_chunk_a87ca2__"
@@ -247,21 +247,6 @@ def _split(shape: tuple[int, ...], itemsize: int, max_chunk_bytes: Optional[int]
     return chunks
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_reference_checkpoint(prefix: str, params: Mapping[str, np.ndarray], num_shards: int = 1,
                                max_chunk_bytes: Optional[int] = None,
                                expert_axis_chunks: int = 1) -> None:
@@ -307,7 +292,7 @@ def write_reference_checkpoint(prefix: str, params: Mapping[str, np.ndarray], nu
         node[parts[-1]] = info
     for k in range(num_shards):
         doc = {MAGIC: True, **shard_content[k]}
-        _atomic_write(shard_path(prefix, k, num_shards), msgpack.packb(doc, use_bin_type=True))
+        atomic_write_bytes(shard_path(prefix, k, num_shards), msgpack.packb(doc, use_bin_type=True))
         shard_content[k] = {}
     index = {"version": VERSION, "shard_count": num_shards, "index": tree}
-    _atomic_write(f"{prefix}.index", msgpack.packb(index, use_bin_type=True))
+    atomic_write_bytes(f"{prefix}.index", msgpack.packb(index, use_bin_type=True))

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
@@ -21,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..models.config import ModelConfig
 from ..models.vit_moe import VisionTransformerMoe
+from ..utils.io import atomic_directory
 from ..utils.typed_config import from_dict, to_dict
 from .model_card import model_card
 
@@ -51,30 +49,10 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
             own[k].copy_(torch.as_tensor(v))
 
 
-def _replace_dir(tmp: str, out_dir: str, overwrite: bool) -> None:
-    if os.path.exists(out_dir):
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{out_dir!r} already exists; pass overwrite=True (--overwrite).")
-        old = tempfile.mkdtemp(dir=os.path.dirname(out_dir) or ".", prefix=".old-")
-        os.rmdir(old)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool = False,
                     source: Optional[dict[str, Any]] = None) -> None:
-    """Writes model.safetensors + config.json atomically to `out_dir`."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir!r} already exists; pass overwrite=True (--overwrite).")
-    parent = os.path.dirname(out_dir)
-    Path(parent).mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
-    try:
+    """Writes model.safetensors + config.json + README.md atomically to `out_dir`."""
+    with atomic_directory(out_dir, overwrite) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, os.path.join(tmp, "model.safetensors"))
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(model.config)}
@@ -84,10 +62,6 @@ def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool =
             json.dump(meta, f, indent=2)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(model.config, source))
-        _replace_dir(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_config(path: str) -> ModelConfig:

@@ -13,13 +13,14 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..utils.io import atomic_directory
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -74,10 +75,9 @@ def save_checkpoint(workdir: str, step: int, model_state: dict[str, torch.Tensor
     """Writes checkpoint `step` atomically and prunes old ones; returns its path.
     `model_state`/`optimizer_state` are full (unsharded) state dicts."""
     root = Path(workdir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    with atomic_directory(str(final), overwrite=True) as tmp_dir:
+        tmp = Path(tmp_dir)
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()},
                   str(tmp / "model.safetensors"))
         opt_tensors, opt_meta = _optimizer_to_flat(optimizer_state)
@@ -88,12 +88,6 @@ def save_checkpoint(workdir: str, step: int, model_state: dict[str, torch.Tensor
             json.dump(state, f)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for _, path in list_checkpoints(workdir)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
     return str(final)

@@ -7,6 +7,8 @@ import os
 import warnings
 from typing import Any
 
+from ..utils.io import atomic_write_text
+
 
 class MetricsLogger:
     def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True) -> None:
@@ -27,11 +29,20 @@ class MetricsLogger:
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+            lines = [line for line in f if line.strip()]
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(lines) - 1:  # a write torn by a kill: the step is redone anyway
+                    warnings.warn(f"{self.path}: dropped a torn last line ({line[:60]!r}...).")
+                    continue
+                raise ValueError(f"{self.path}, line {i + 1}, is not valid JSON ({e}) and is not the "
+                                 "last line: the file was edited or damaged; fix or remove that line.") from e
+            if record.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        atomic_write_text(self.path, "".join(keep))
 
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -267,6 +267,8 @@ class Trainer:
             if logger is not None:
                 logger.close()
         summary: dict[str, Any] = {"status": status, "steps": step + 1 if start < total else total}
+        if self._stop_signal is not None:
+            summary["signal"] = int(self._stop_signal)
         if status == "completed":
             if self.expert_parallel:  # evaluate and export an unsharded copy on rank 0
                 state = self.full_state()
