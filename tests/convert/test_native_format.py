@@ -174,3 +174,19 @@ def test_dict_level_mapping_matches_the_streaming_loader():
     assert set(mapped) == set(state)
     for k, v in mapped.items():
         np.testing.assert_array_equal(v, state[k].numpy(), err_msg=k)
+
+
+def test_nonfinite_weights_are_refused_with_their_name(tmp_path):
+    """The native format has no checksum: flipped bytes that decode to NaN are
+    caught per array (and can be let through on purpose)."""
+    from vmoe_torch.convert import model_from_reference
+    from vmoe_torch.convert.native import read_reference_checkpoint, write_reference_checkpoint
+    d = CASE_B
+    params = read_reference_checkpoint(str(d / "ckpt"))
+    params["Encoder/encoderblock_1/Moe/Mlp/Dense_0/kernel"][2, 3, 4] = np.nan
+    write_reference_checkpoint(str(tmp_path / "ckpt"), params, num_shards=2)
+    kwargs = load_reference_config(str(d / "config.json"))
+    with pytest.raises(ValueError, match="encoderblock_1/Moe/Mlp/Dense_0/kernel.*allow_nonfinite"):
+        model_from_reference(str(tmp_path / "ckpt"), kwargs)
+    model = model_from_reference(str(tmp_path / "ckpt"), kwargs, allow_nonfinite=True)
+    assert torch.isnan(model.blocks[1].mlp.experts.w1).any()

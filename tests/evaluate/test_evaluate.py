@@ -79,3 +79,14 @@ def test_fewshot_cli_and_eval_cli(trained, tmp_path):
     assert main(["fewshot", wd, *sets, "--set", "fewshot.shots=[1,2]", "--set", "fewshot.seeds=2",
                  "--out", str(tmp_path / "f.json")]) == 0
     assert set(json.load(open(tmp_path / "f.json"))) == {"1", "2"}
+
+
+def test_vmoe_eval_on_a_work_dir_uses_its_own_config(trained, tmp_path):
+    import json
+
+    from vmoe_torch.cli.main import main
+    out = tmp_path / "eval.json"
+    assert main(["eval", trained.workdir, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["eval_batch_size"] == trained.cfg.data.eval_batch_size == 32  # not the default 128
+    assert result["test"]["num_examples"] == len(trained.test_ds)

@@ -127,3 +127,26 @@ def test_qk_norm_matches_a_float64_recomputation():
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
         out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(2, 5, -1)
         torch.testing.assert_close(attn(x), attn.proj(out), rtol=1e-10, atol=1e-10)
+
+
+def test_input_dtype_errors_say_what_to_do():
+    model = _tiny()
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        model(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="torch.float64.*images.to"):
+        model(torch.zeros(1, 3, 16, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="torch.float16"):
+        model(torch.zeros(1, 3, 16, 16, dtype=torch.float16))
+
+
+def test_from_pretrained_names_bad_files(tmp_path):
+    from vmoe_torch import create_model as make
+    model = make("vit_mi4")
+    save_pretrained(model, str(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json.*not valid JSON"):
+        from_pretrained(str(tmp_path / "m"))
+    save_pretrained(model, str(tmp_path / "p"))
+    torch.save(model.state_dict(), tmp_path / "p" / "model.safetensors")  # a pickle under the name
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        from_pretrained(str(tmp_path / "p"))

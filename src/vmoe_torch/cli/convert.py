@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="resolution the position embedding is for (default: inferred)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="accept NaN/Inf weights (by default they are an error naming the array)")
     p.set_defaults(func=run)
 
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         image_size = args.image_size
         source = {"kind": "converted", "reference_config": os.path.abspath(args.config)}
     start = time.perf_counter()
-    model = model_from_reference(args.prefix, kwargs, image_size)
+    model = model_from_reference(args.prefix, kwargs, image_size, allow_nonfinite=args.allow_nonfinite)
     source["reference_prefix"] = os.path.abspath(args.prefix)
     save_pretrained(model, args.out_dir, overwrite=args.overwrite, source=source)
     n = sum(p.numel() for p in model.parameters())

@@ -47,7 +47,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "on the config's test data, at eval.capacity_factor, and with --grid "
                                    "at every (capacity factor, K, vanilla/BPR) setting of the eval section.")
     p.add_argument("checkpoint")
-    p.add_argument("config", nargs="?", default=None, help=_CONFIG_HELP)
+    p.add_argument("config", nargs="?", default=None,
+                   help=_CONFIG_HELP + " (default: the work dir's own config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--grid", action="store_true", help="also sweep the routing grid")
     p.add_argument("--out", default=None, help="write the results JSON here")
@@ -123,6 +124,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..data.pipeline import build_datasets, eval_batches
     from ..evaluate.classification import evaluate_at_capacity, format_grid, routing_grid
     from ..train.trainer import load_model
+    own = os.path.join(args.checkpoint, "config.yaml")
+    if args.config is None and os.path.exists(own):  # a training work dir: evaluate on its own data
+        args.config = own
     cfg = _load(args)
     model = load_model(args.checkpoint)
     _, test = build_datasets(cfg.data)

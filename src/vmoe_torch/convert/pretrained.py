@@ -64,9 +64,21 @@ def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool =
             f.write(model_card(model.config, source))
 
 
+def _looks_like_pickle(path: str) -> bool:
+    import zipfile
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80" or zipfile.is_zipfile(path)
+
+
 def read_config(path: str) -> ModelConfig:
-    with open(os.path.join(path, "config.json")) as f:
-        meta = json.load(f)
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file!r} is not valid JSON ({e}).") from e
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{file!r} not found: {path!r} is not a from_pretrained directory.") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path!r}/config.json is not a {FORMAT} config (format={meta.get('format')!r}).")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -82,7 +94,13 @@ def from_pretrained(path: str, map_location: str = "cpu", **routing: Any) -> Vis
         raise FileNotFoundError(f"{path!r} is not a directory with model.safetensors and config.json.")
     with torch.device("meta"):  # no throw-away initialisation: the weights are assigned
         model = VisionTransformerMoe(read_config(path))
-    state = load_file(os.path.join(path, "model.safetensors"), device=map_location)
+    weights = os.path.join(path, "model.safetensors")
+    try:
+        state = load_file(weights, device=map_location)
+    except Exception as e:  # noqa: BLE001 - name the file, whatever safetensors says
+        kind = ("it is not a safetensors file (a pickle?)" if _looks_like_pickle(weights)
+                else "it is truncated or corrupt")
+        raise ValueError(f"Cannot read {weights!r}: {kind} ({type(e).__name__}: {e}).") from e
     check_state(model, state)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()

@@ -28,7 +28,8 @@ def load_reference_config(path: str) -> dict[str, Any]:
 
 
 def model_from_reference(prefix: str, model_config: Mapping[str, Any],
-                         image_size: Optional[int | tuple[int, int]] = None) -> VisionTransformerMoe:
+                         image_size: Optional[int | tuple[int, int]] = None,
+                         allow_nonfinite: bool = False) -> VisionTransformerMoe:
     """Reads a native checkpoint and builds the model it belongs to (eval mode).
 
     The model is allocated once, uninitialised, and every array is copied into
@@ -41,6 +42,9 @@ def model_from_reference(prefix: str, model_config: Mapping[str, Any],
       image_size: the resolution the learned position embedding is for;
         inferred from the checkpoint when omitted. To run at another size,
         call `model.resize_pos_embed(size)` afterwards.
+      allow_nonfinite: accept NaN / Inf weights. The native format has no
+        checksum, so by default every array is checked and a non-finite one
+        (e.g. flipped bytes in a shard) is an error that names it.
     """
     _, leaves = read_index(prefix)
     shapes = {name: np.empty(0) for name, _ in leaves}
@@ -53,7 +57,7 @@ def model_from_reference(prefix: str, model_config: Mapping[str, Any],
     model = model.to_empty(device="cpu")
     own = dict(model.named_parameters())
     filled: dict[str, int] = {}
-    unmapped, mismatched = [], []
+    unmapped, mismatched, nonfinite = [], [], []
     with torch.no_grad():
         for name, arr in iter_reference_checkpoint(prefix):
             mapped = map_reference_name(name, arr)
@@ -69,6 +73,8 @@ def model_from_reference(prefix: str, model_config: Mapping[str, Any],
             if tuple(region.shape) != value.shape:
                 mismatched.append(f"{name}: checkpoint {value.shape} vs model {tuple(region.shape)}")
                 continue
+            if not allow_nonfinite and not np.isfinite(value).all():
+                nonfinite.append(f"{name} ({int((~np.isfinite(value)).sum())} values)")
             region.copy_(torch.from_numpy(value))
             filled[target] = filled.get(target, 0) + 1
             del arr, value
@@ -78,6 +84,10 @@ def model_from_reference(prefix: str, model_config: Mapping[str, Any],
     for target in [n for n in own if n.endswith(("attn.kv.weight", "attn.kv.bias"))]:
         need[target] = 2
     missing = sorted(n for n in own if filled.get(n, 0) != need[n])
+    if nonfinite:
+        raise ValueError(f"The checkpoint {prefix!r} holds non-finite (NaN/Inf) weights in "
+                         f"{nonfinite}: a damaged shard? Pass allow_nonfinite=True (--allow-nonfinite) "
+                         "to load it anyway.")
     if unmapped or mismatched or missing:
         raise ValueError("The checkpoint does not match the given config:"
                          + (f"\n  reference parameters with no mapping: {sorted(unmapped)}" if unmapped else "")

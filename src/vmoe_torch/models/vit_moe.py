@@ -195,6 +195,13 @@ class VisionTransformerMoe(nn.Module):
         if images.shape[1] != self._config.in_chans:
             raise ValueError(f"Expected {self._config.in_chans} channels (NCHW), got shape "
                              f"{tuple(images.shape)}. NHWC images need .permute(0, 3, 1, 2).")
+        if not images.is_floating_point():
+            raise ValueError(f"Images must be floating point in [-1, 1], got {images.dtype}: convert "
+                             "them, e.g. images.float() / 127.5 - 1 for uint8 pixels.")
+        weight_dtype = self.patch_embed.proj.weight.dtype
+        if images.dtype != weight_dtype and not _autocast_on(images.device.type):
+            raise ValueError(f"Images are {images.dtype} but the model is {weight_dtype}: use "
+                             f"images.to({weight_dtype}) (or run under torch.autocast).")
         if self._config.check_finite and not torch.isfinite(images).all():
             raise ValueError("Input images contain NaN or Inf values.")
         return self.patch_embed.grid(images.shape[2], images.shape[3])
@@ -310,3 +317,9 @@ def paper_head_bias(num_classes: int) -> float:
     """The paper's head bias init, -log(num_classes)."""
     return -math.log(num_classes)
 
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        return bool(torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled())
