@@ -82,6 +82,16 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
     return model
 
 
+def data_parallel(model: nn.Module, group=None) -> nn.Module:
+    """Data parallelism (experts replicated): each MoE layer's first global
+    group index moves by rank, so every rank draws the router noise of its own
+    groups, as one process would on the whole batch (not the same noise on
+    every rank)."""
+    for layer in _moe_layers(model):
+        layer.rank = dist.get_rank(group)
+    return model
+
+
 def _moe_layers(model: nn.Module) -> list[MoeMlp]:
     return [m for m in model.modules() if isinstance(m, MoeMlp)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import warnings
 import time
 from typing import Any, Optional
 
@@ -26,7 +27,7 @@ from ..models.registry import create_model
 from ..models.vit_moe import VisionTransformerMoe
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.typed_config import to_dict
-from ..distributed.expert_parallel import (clip_grad_norm_distributed, expert_parallel,
+from ..distributed.expert_parallel import (clip_grad_norm_distributed, data_parallel, expert_parallel,
                                            gather_state_dict, shard_state_dict, sync_gradients)
 from ..distributed.runtime import gather_optimizer_state, init_from_env, shard_optimizer_state
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -194,6 +195,22 @@ class Trainer:
         self._barrier()
         return path
 
+    def _warn_split_groups(self) -> None:
+        """Routing groups are cut per process (and micro-batch): when a rank's
+        share is not a whole number of groups, routing differs from one process
+        on the whole batch."""
+        moe = self.model.config.moe
+        if moe is None or moe.group_size is None or self.world == 1 and self.cfg.train.grad_accum == 1:
+            return
+        images = self.cfg.data.batch_size // (self.world * self.cfg.train.grad_accum)
+        tokens = images * self.model.config.tokens_per_image * moe.ensemble_size
+        if tokens % moe.group_size:
+            warnings.warn(
+                f"Each process routes {images} images ({tokens} tokens) per micro-batch, not a multiple "
+                f"of group_size={moe.group_size}: its last routing group is smaller, so routing differs "
+                "from one process on the whole batch. Make data.batch_size / (world size x "
+                "train.grad_accum) a multiple of the images per group.")
+
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_signal = signum
 
@@ -203,6 +220,9 @@ class Trainer:
         start, opt_state = self._prepare_workdir()
         if self.expert_parallel:
             expert_parallel(self.model)
+        elif self.world > 1:
+            data_parallel(self.model)
+        self._warn_split_groups()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         if opt_state is not None:
             self.optimizer.load_state_dict(shard_optimizer_state(opt_state, self.optimizer, self.model)
@@ -329,6 +349,9 @@ class Trainer:
                                   "auxiliary_loss": aux_total, "lr": lr, "grad_norm": grad_norm}
         for key, values in routing.items():  # per-layer means over groups (and micro-batches)
             mean = torch.stack(values).mean(0)
+            if self.world > 1:  # and over ranks: every rank's groups, not rank 0's alone
+                dist.all_reduce(mean)
+                mean = mean / self.world
             record[key] = mean.tolist() if mean.dim() else float(mean)
         return record
 
