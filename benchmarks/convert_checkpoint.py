@@ -21,7 +21,8 @@ import sys
 import time
 
 IMPORT_ONLY = "import vmoe_torch, torch"
-LOAD = "import sys, vmoe_torch; m = vmoe_torch.from_pretrained(sys.argv[1]); print(sum(p.numel() for p in m.parameters()))"
+LOAD = ("import sys, vmoe_torch; m = vmoe_torch.from_pretrained(sys.argv[1]); "
+        "print(sum(p.numel() for p in m.parameters()))")
 
 
 def _child(cmd: list[str]) -> tuple[float, int]:
@@ -44,6 +45,7 @@ def main() -> None:
     prefix, out = os.path.join(args.dir, "ckpt"), os.path.join(args.dir, "converted")
     if args.step in ("all", "write"):
         import torch
+
         from vmoe_torch import create_model
         from vmoe_torch.convert import model_to_reference
         from vmoe_torch.convert.native import write_reference_checkpoint  # noqa: F401
@@ -65,8 +67,8 @@ def main() -> None:
     if args.step == "baseline":
         s, peak = _child([sys.executable, "-c", IMPORT_ONLY])
         print(f"checkpoint: {size / 2**30:.3f} GiB in 4 shards")
-        print(f"| step | seconds | peak RSS (GiB) | peak / checkpoint | peak above import-only / checkpoint |")
-        print(f"|---|---|---|---|---|")
+        print("| step | seconds | peak RSS (GiB) | peak / checkpoint | peak above import-only / checkpoint |")
+        print("|---|---|---|---|---|")
         print(f"| import torch + vmoe_torch only | {s:.1f} | {peak / 2**30:.3f} | {peak / size:.2f} | - |")
         with open(os.path.join(args.dir, "baseline"), "w") as f:
             f.write(str(peak))

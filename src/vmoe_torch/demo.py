@@ -76,7 +76,7 @@ def run_demo(workdir: str = "runs/demo", quick: bool = False, overrides: Sequenc
         }
         print(f"[demo] {name}: test accuracy {results[name]['test_accuracy']:.4f} after "
               f"{wall:.0f}s of training", flush=True)
-    moe, dense = trainers["moe"], trainers["dense"]
+    moe = trainers["moe"]
     results["eval_batch_size"] = moe.cfg.data.eval_batch_size
     results["image_size"] = moe.cfg.data.image_size
     results["num_test_images"] = len(moe.test_ds)

@@ -150,3 +150,18 @@ def test_from_pretrained_names_bad_files(tmp_path):
     torch.save(model.state_dict(), tmp_path / "p" / "model.safetensors")  # a pickle under the name
     with pytest.raises(ValueError, match="not a safetensors file"):
         from_pretrained(str(tmp_path / "p"))
+
+
+def test_tampered_architecture_in_config_json_is_refused(tmp_path):
+    import json as _json
+    model = _tiny()
+    save_pretrained(model, str(tmp_path / "m"))
+    path = tmp_path / "m" / "config.json"
+    meta = _json.loads(path.read_text())
+    meta["model"]["moe"]["routing"]["capacity_factor"] = 2.0   # a routing edit is fine
+    path.write_text(_json.dumps(meta))
+    assert from_pretrained(str(tmp_path / "m")).blocks[0].mlp.routing.capacity_factor == 2.0
+    meta["model"]["num_heads"] = 2 * meta["model"]["num_heads"]  # shapes still match: only the record tells
+    path.write_text(_json.dumps(meta))
+    with pytest.raises(ValueError, match="does not describe the architecture"):
+        from_pretrained(str(tmp_path / "m"))

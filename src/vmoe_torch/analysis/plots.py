@@ -142,7 +142,7 @@ def plot_reliance(ablation: dict[str, float], position: dict[str, list[float]],
     ax2.set_title("Accuracy by position in the group")
     ax2.legend(fontsize=8)
     layers = list(gates)
-    ax3.bar([l.replace("encoderblock_", "L") for l in layers], [gates[l] for l in layers])
+    ax3.bar([name.replace("encoderblock_", "L") for name in layers], [gates[name] for name in layers])
     ax3.axhline(1.0 / num_experts, color="k", linestyle=":", label=f"uniform 1/E = {1 / num_experts:.3f}")
     ax3.set_xlabel("MoE layer")
     ax3.set_ylabel("mean top-1 gate")

@@ -31,8 +31,15 @@ from ..evaluate.classification import routing_grid
 from ..models.ensemble import ensemble_log_probs
 from ..utils.io import atomic_write_json, atomic_write_text
 from . import plots
-from .stats import (accuracy_by_group_position, class_expert_counts, expert_load, flatten_runs,
-                    normalized_mutual_information, processed_mask, row_shares)
+from .stats import (
+    accuracy_by_group_position,
+    class_expert_counts,
+    expert_load,
+    flatten_runs,
+    normalized_mutual_information,
+    processed_mask,
+    row_shares,
+)
 
 CAPACITY_FACTORS = (0.125, 0.25, 0.5, 0.75, 1.0, 1.05, 1.5, 2.0)
 
@@ -167,7 +174,9 @@ def analyze(model, test_ds, out_dir: str, eval_batch_size: int = 128,
                 model(to_model_range(images.to(next(model.parameters()).device)))
         for name, runs in rec.items():
             flat = flatten_runs(runs)
-            per_img = lambda t: t.reshape(len(images), tokens_per_image, *t.shape[1:])[picks, prefix:]
+
+            def per_img(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(len(images), tokens_per_image, *t.shape[1:])[picks, prefix:]
             maps[name]["bpr" if bpr else "vanilla"] = per_img(processed_mask(flat["kept"])).reshape(
                 -1, grid_h, grid_w).float().numpy()
             if bpr:

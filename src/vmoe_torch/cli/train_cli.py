@@ -130,7 +130,9 @@ def run_eval(args: argparse.Namespace) -> int:
     cfg = _load(args)
     model = load_model(args.checkpoint)
     _, test = build_datasets(cfg.data)
-    loader = lambda: eval_batches(test, cfg.data.eval_batch_size)
+
+    def loader():
+        return eval_batches(test, cfg.data.eval_batch_size)
     result = {"eval_batch_size": cfg.data.eval_batch_size}
     result["test"] = evaluate_at_capacity(model, loader(), cfg.eval.capacity_factor)
     print(f"top-1 {result['test']['top1']:.4f}  top-5 {result['test']['top5']:.4f}")

@@ -9,6 +9,7 @@ directory that is renamed into place, so OUT_DIR is never half-written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Mapping, Optional
@@ -23,6 +24,21 @@ from ..utils.typed_config import from_dict, to_dict
 from .model_card import model_card
 
 FORMAT, FORMAT_VERSION = "vmoe-torch", 1
+FINGERPRINT_KEY = "vmoe_architecture_sha256"
+# Settings one may change in config.json without touching the weights.
+_RUNTIME = {"check_finite"}
+_RUNTIME_MOE = {"routing", "layer_routing", "group_size"}
+
+
+def architecture_fingerprint(cfg: ModelConfig) -> str:
+    """SHA-256 of the config fields the weights were built for. Routing,
+    group size and check_finite are run-time choices and are left out; the
+    rest (heads, eps, GELU, pooling, ...) cannot be checked from tensor shapes
+    alone, so model.safetensors records this and loading compares it."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in _RUNTIME}
+    if data.get("moe"):
+        data["moe"] = {k: v for k, v in data["moe"].items() if k not in _RUNTIME_MOE}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def check_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
@@ -54,7 +70,8 @@ def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool =
     """Writes model.safetensors + config.json + README.md atomically to `out_dir`."""
     with atomic_directory(out_dir, overwrite) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, os.path.join(tmp, "model.safetensors"))
+        save_file(state, os.path.join(tmp, "model.safetensors"),
+                  metadata={FINGERPRINT_KEY: architecture_fingerprint(model.config)})
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(model.config)}
         if source:
             meta["source"] = source
@@ -68,6 +85,17 @@ def _looks_like_pickle(path: str) -> bool:
     import zipfile
     with open(path, "rb") as f:
         return f.read(1) == b"\x80" or zipfile.is_zipfile(path)
+
+
+def _check_fingerprint(weights: str, cfg: ModelConfig) -> None:
+    from safetensors import safe_open
+    with safe_open(weights, framework="pt") as f:
+        recorded = (f.metadata() or {}).get(FINGERPRINT_KEY)
+    if recorded is not None and recorded != architecture_fingerprint(cfg):  # older files have none
+        raise ValueError(f"config.json next to {weights!r} does not describe the architecture these "
+                         "weights were saved with (an edited num_heads, eps, GELU, pooling...?). "
+                         "Restore the original config.json; only routing settings, group_size and "
+                         "check_finite may be changed.")
 
 
 def read_config(path: str) -> ModelConfig:
@@ -102,6 +130,7 @@ def from_pretrained(path: str, map_location: str = "cpu", **routing: Any) -> Vis
                 else "it is truncated or corrupt")
         raise ValueError(f"Cannot read {weights!r}: {kind} ({type(e).__name__}: {e}).") from e
     check_state(model, state)
+    _check_fingerprint(weights, model.config)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     if routing:

@@ -5,11 +5,9 @@ import json
 from typing import Any, Mapping, Optional
 
 import numpy as np
-
-from ..models.config import ModelConfig
-from ..models.vit_moe import VisionTransformerMoe
 import torch
 
+from ..models.vit_moe import VisionTransformerMoe
 from .mapping import map_reference_name, torch_to_reference
 from .native import iter_reference_checkpoint, read_index, write_reference_checkpoint
 from .reference_config import config_from_reference, config_to_reference

@@ -80,7 +80,7 @@ class StepBatchSampler:
 
 def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.stack([torch.as_tensor(i) for i, _ in items])
-    labels = torch.tensor([int(l) for _, l in items], dtype=torch.long)
+    labels = torch.tensor([int(label) for _, label in items], dtype=torch.long)
     return images, labels
 
 

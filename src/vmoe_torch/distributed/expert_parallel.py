@@ -171,7 +171,8 @@ def clip_grad_norm_distributed(model: nn.Module, max_norm: Optional[float], grou
     for n, p in model.named_parameters():
         if p.grad is not None:
             (experts if is_expert_param(n) else replicated).append(p.grad)
-    sq = lambda gs: sum((g.double().square().sum() for g in gs), torch.zeros((), dtype=torch.float64))
+    def sq(gs: list[torch.Tensor]) -> torch.Tensor:
+        return sum((g.double().square().sum() for g in gs), torch.zeros((), dtype=torch.float64))
     expert_sq = sq(experts)
     dist.all_reduce(expert_sq, group=group)
     total = float((sq(replicated) + expert_sq).sqrt())

@@ -2,7 +2,6 @@
 scores q.k / sqrt(head_dim), softmax over keys."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

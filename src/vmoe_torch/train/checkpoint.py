@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -93,13 +94,41 @@ def save_checkpoint(workdir: str, step: int, model_state: dict[str, torch.Tensor
     return str(final)
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint directory whose files cannot be read."""
+
+
+def load_latest_valid(workdir: str) -> Optional[tuple[str, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]]:
+    """The newest readable checkpoint as (path, model state, optimizer state,
+    state.json), or None when there is none. Unreadable newer ones (truncated
+    safetensors, a torn state.json) are skipped with a warning naming them;
+    when every checkpoint is unreadable this raises, listing why."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(workdir)):
+        try:
+            return (path, *load_checkpoint(path))
+        except CorruptCheckpoint as e:
+            skipped.append(str(e))
+            warnings.warn(f"Skipping unreadable checkpoint: {e}")
+    if skipped:
+        raise CorruptCheckpoint("No readable checkpoint in " + repr(workdir) + ": " + "; ".join(skipped)
+                                + ". Move the checkpoints/ directory away to start over.")
+    return None
+
+
 def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Reads (model state, optimizer state dict, state.json) from `path` and
     restores the RNG states."""
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    model_state = load_file(os.path.join(path, "model.safetensors"))
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        model_state = load_file(os.path.join(path, "model.safetensors"))
+        tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+        for key in ("step", "optimizer", "rng"):
+            if key not in state:
+                raise KeyError(f"state.json has no {key!r}")
+    except Exception as e:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+        raise CorruptCheckpoint(f"{path!r} ({type(e).__name__}: {e})") from e
     torch.set_rng_state(tensors.pop("__torch_rng_state__"))
     optimizer_state = _optimizer_from_flat(tensors, state["optimizer"])
     version, internal, gauss = state["rng"]["python"]

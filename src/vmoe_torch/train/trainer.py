@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import warnings
 import time
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -22,18 +22,24 @@ import yaml
 from ..config.schema import ExperimentConfig, config_to_dict
 from ..convert.pretrained import save_pretrained
 from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model_range
+from ..distributed.expert_parallel import (
+    clip_grad_norm_distributed,
+    data_parallel,
+    expert_parallel,
+    gather_state_dict,
+    sync_gradients,
+)
+from ..distributed.runtime import gather_optimizer_state, init_from_env, shard_optimizer_state
 from ..evaluate.classification import evaluate_at_capacity
 from ..models.registry import create_model
 from ..models.vit_moe import VisionTransformerMoe
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.typed_config import to_dict
-from ..distributed.expert_parallel import (clip_grad_norm_distributed, data_parallel, expert_parallel,
-                                           gather_state_dict, shard_state_dict, sync_gradients)
-from ..distributed.runtime import gather_optimizer_state, init_from_env, shard_optimizer_state
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_latest_valid, save_checkpoint
 from .logger import MetricsLogger
 from .losses import LOSSES
 from .optim import build_optimizer, clip_grad_norm, learning_rate
+from .workdir_lock import WorkdirLock, remove_orphan_temporaries
 
 # Config parts that define a run; changing any of them in a work dir that
 # holds a checkpoint needs --force. (train.steps may grow: that extends a run.)
@@ -167,7 +173,10 @@ class Trainer:
         if ckpt is None:
             return 0, None
         from ..convert.pretrained import load_state_strict
-        model_state, optimizer_state, state = load_checkpoint(ckpt)
+        found = load_latest_valid(self.workdir)  # falls back past unreadable newer checkpoints
+        if found is None:
+            return 0, None
+        _, model_state, optimizer_state, state = found
         load_state_strict(self.model, model_state)
         return int(state["step"]), optimizer_state
 
@@ -216,6 +225,19 @@ class Trainer:
 
     # ---------------------------------------------------------------- fit
     def fit(self) -> dict[str, Any]:
+        """Trains to `train.steps`, resuming from the work dir's newest
+        readable checkpoint; one run per work dir (rank 0 holds its lock)."""
+        lock = WorkdirLock(self.workdir)
+        if self.rank == 0:
+            lock.acquire()
+            for path in remove_orphan_temporaries(self.workdir):
+                warnings.warn(f"Removed {path!r}, left by a killed write.")
+        try:
+            return self._fit()
+        finally:
+            lock.release()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         start, opt_state = self._prepare_workdir()
         if self.expert_parallel:
