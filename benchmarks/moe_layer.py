@@ -129,30 +129,39 @@ def main() -> None:
     soft_rows(args)
 
 
+SPARSE_TABLE = ("| shape | E | K | C | MoE layer (ms) | expert MLP alone (ms) | einsum MoE (ms) "
+                "| MoE / experts | einsum / MoE |",
+                ("shape", "E", "K", "C", "moe_ms", "experts_ms", "einsum_ms", "moe_over_experts",
+                 "einsum_over_moe"))
+SOFT_TABLE = ("| Soft MoE shape | E | matched K | slots p | Soft MoE layer (ms) | expert MLP alone (ms) "
+              "| Soft MoE, fp32 dispatch (ms) | Soft MoE / experts | fp32 dispatch / experts |",
+              ("shape", "E", "K", "p", "soft_ms", "experts_ms", "soft32_ms", "soft_over_experts",
+               "soft32_over_experts"))
+
+
 def sparse_rows(args: argparse.Namespace) -> None:
-    print("| shape | E | K | C | MoE layer (ms) | expert MLP alone (ms) | einsum MoE (ms) "
-          "| MoE / experts | einsum / MoE |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for shape in args.shapes:
-        for e in args.experts:
-            for k in args.k:
-                r = bench(shape, e, k, args.repeats)
-                print(f"| {r['shape']} | {e} | {k} | {r['C']} | {r['moe_ms']:.1f} | {r['experts_ms']:.1f} "
-                      f"| {r['einsum_ms']:.1f} | {r['moe_over_experts']:.3f} | {r['einsum_over_moe']:.2f} |",
-                      flush=True)
+    _table(args, bench, SPARSE_TABLE)
 
 
 def soft_rows(args: argparse.Namespace) -> None:
-    print("| Soft MoE shape | E | matched K | slots p | Soft MoE layer (ms) | expert MLP alone (ms) "
-          "| Soft MoE, fp32 dispatch (ms) | Soft MoE / experts | fp32 dispatch / experts |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    _table(args, bench_soft, SOFT_TABLE)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def _table(args: argparse.Namespace, fn, table) -> None:
+    header, keys = table
+    print(header)
+    print("|" + "---|" * len(keys))
     for shape in args.shapes:
         for e in args.experts:
             for k in args.k:
-                r = bench_soft(shape, e, k, args.repeats)
-                print(f"| {r['shape']} | {e} | {k} | {r['p']} | {r['soft_ms']:.1f} | {r['experts_ms']:.1f} "
-                      f"| {r['soft32_ms']:.1f} | {r['soft_over_experts']:.3f} | {r['soft32_over_experts']:.3f} |",
-                      flush=True)
+                r = fn(shape, e, k, args.repeats)
+                print("| " + " | ".join(_cell(r[key]) for key in keys) + " |", flush=True)
 
 
 if __name__ == "__main__":
