@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import TINY
 
 pytestmark = pytest.mark.distributed
@@ -26,13 +25,17 @@ def _env(**kw):
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **kw)
 
 
-def _train(workdir, nproc, extra=(), env=None, max_restarts=0):
+def _train(workdir, nproc, extra=(), env=None, max_restarts=0, kill=None):
+    """`kill=(step, rank)`: run through fault_entry.py, which SIGKILLs that rank."""
     args = ["train", "--workdir", str(workdir), *_sets(extra)]
+    entry = ["-m", "vmoe_torch.cli.main"]
+    if kill is not None:
+        entry = [os.path.join(os.path.dirname(__file__), "fault_entry.py"), str(kill[0]), str(kill[1])]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "vmoe_torch.cli.main", *args]
+        cmd = [sys.executable, *entry, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               f"--max-restarts={max_restarts}", "-m", "vmoe_torch.cli.main", *args, "--expert-parallel"]
+               f"--max-restarts={max_restarts}", *entry, *args, "--expert-parallel"]
     proc = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -72,7 +75,7 @@ def test_resume_on_other_world_sizes(tmp_path, reference):
 
 def test_killed_rank_recovers_with_max_restarts(tmp_path, reference):
     wd = tmp_path / "killed"
-    proc = _train(wd, 2, env=_env(VMOE_FAIL_AT_STEP="4", VMOE_FAIL_RANK="1"), max_restarts=1)
+    proc = _train(wd, 2, max_restarts=1, kill=(4, 1))
     got = _losses(wd)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):

@@ -268,7 +268,6 @@ class Trainer:
         step, t_last, n_since, status = start, time.perf_counter(), 0, "completed"
         try:
             for step, (images, labels) in zip(range(start, total), loader):
-                _maybe_inject_fault(step, self.rank)
                 done = step + 1
                 log_now = done % cfg.train.log_every == 0 or done == total
                 record = self._train_step(step, images, labels, mixup, log_now)
@@ -383,17 +382,5 @@ class Trainer:
         return evaluate_at_capacity(self.model, loader, self.cfg.eval.capacity_factor, bf16=self.cfg.train.bf16)
 
 
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    """Test hook: VMOE_FAIL_AT_STEP=s (and VMOE_FAIL_RANK=r) SIGKILLs rank r at
-    step s on the first attempt of a torchrun job (no restart yet)."""
-    at = os.environ.get("VMOE_FAIL_AT_STEP")
-    if at is None or int(at) != step or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    if int(os.environ.get("VMOE_FAIL_RANK", "0")) == rank:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 _ROUTING_LOG = ("importance_loss", "load_loss", "gshard_loss", "dropped_fraction", "expert_load",
                 "top_gate_mean")
-
-
