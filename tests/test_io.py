@@ -75,3 +75,11 @@ def test_atomic_directory_failure_and_overwrite(tmp_path):
         open(os.path.join(d, "b"), "w").write("3")
     assert sorted(os.listdir(target)) == ["b"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_one_seed_rule_reproduces_the_historical_streams():
+    from vmoe_torch.train.trainer import step_seed
+    from vmoe_torch.utils.seeds import derive_seed
+    assert derive_seed(5) == 5 and derive_seed(5, 7) == 5 * 1_000_003 + 7
+    assert derive_seed(1, 2, 3) == (1 * 1_000_003 + 2) * 1_000_003 + 3
+    assert step_seed(3, 10) == (3 * 1_000_003 + 10) * 7 + 3

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config.schema import DataConfig
+from ..utils.seeds import derive_seed
 from .digits import make_cluttered_digits
 
 
@@ -40,7 +41,7 @@ class ImageDataset(Dataset):
         image, label = self.source[index]
         if self.transform is not None:
             if step >= 0:  # training: the augmentation is a function of (seed, step, index)
-                torch.manual_seed((self.seed * 1_000_003 + step) * 1_000_033 + index)
+                torch.manual_seed(derive_seed(self.seed, step) * 1_000_033 + index)
             image = self.transform(image)
         return image, label
 

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..utils.seeds import derive_seed
 from .config import RoutingConfig
 from .experts import Experts
 from .routers import DISPATCH_IMPLS, Router, SoftRouter, TopExpertsRouter, _GatingRouter, build_router
@@ -207,7 +208,7 @@ class MoeMlp(nn.Module):
         shape = self.router.noise_shape(1, size)[1:]
         assert self.noise_seed is not None
         draws = [torch.randn(shape, generator=torch.Generator().manual_seed(
-            self.noise_seed * 1_000_003 + first_group + g)) for g in range(groups)]
+            derive_seed(self.noise_seed, first_group + g))) for g in range(groups)]
         return torch.stack(draws).to(device)
 
     def _route(self, x: Tensor, noise: Optional[Tensor]) -> tuple[Tensor, Metrics]:

@@ -34,6 +34,7 @@ from ..evaluate.classification import evaluate_at_capacity
 from ..models.registry import create_model
 from ..models.vit_moe import VisionTransformerMoe
 from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.seeds import derive_seed
 from ..utils.typed_config import to_dict
 from .checkpoint import latest_checkpoint, load_latest_valid, save_checkpoint
 from .logger import MetricsLogger
@@ -57,7 +58,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) * 7 + 3
+    return derive_seed(seed, step) * 7 + 3
 
 
 def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
