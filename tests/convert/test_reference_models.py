@@ -26,7 +26,8 @@ def test_logits_pre_logits_and_metrics(case):
     d, model, images = _load(case)
     assert not model.training
     with torch.no_grad():
-        feats, metrics = model.forward_features(images)
+        feats = model.forward_features(images)
+        metrics = model.metrics
         logits = model.forward_head(feats)
         pooled = model.pool(feats)
         pre = model.pre_logits(pooled) if model.pre_logits is not None else pooled

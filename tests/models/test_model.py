@@ -37,13 +37,13 @@ def test_forward_api_and_metrics_schema():
 def test_forward_head_pre_logits_and_reset_classifier():
     model = create_model("vit_mi4", representation_size=24).eval()
     x = torch.randn(2, 3, 32, 32)
-    feats, _ = model.forward_features(x)
+    feats = model.forward_features(x)
     pre = model.forward_head(feats, pre_logits=True)
     assert pre.shape == (2, 24) and float(pre.detach().abs().max()) <= 1.0   # after tanh
     torch.testing.assert_close(model.head(pre), model(x))
     model.reset_classifier(5, keep_representation=False)
     assert model(x).shape == (2, 5) and float(model(x).abs().sum()) == 0.0  # zero-init head
-    assert model.forward_head(model.forward_features(x)[0], pre_logits=True).shape == (2, 64)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 64)
     model.reset_classifier(0)
     assert model(x).shape == (2, 64)
 

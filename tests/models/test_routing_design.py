@@ -165,3 +165,22 @@ def test_tampered_architecture_in_config_json_is_refused(tmp_path):
     path.write_text(_json.dumps(meta))
     with pytest.raises(ValueError, match="does not describe the architecture"):
         from_pretrained(str(tmp_path / "m"))
+
+
+def test_metrics_travel_through_a_declared_channel_not_tuples():
+    model = _tiny().train()
+    x = torch.randn(4, 3, 16, 16)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda mod, inp, out: seen.append(type(out)))
+    feats = model.forward_features(x)
+    assert isinstance(feats, torch.Tensor) and all(t is torch.Tensor for t in seen)
+    logits = model.forward_head(feats)
+    aux = model.auxiliary_loss
+    assert aux.dim() == 0 and aux.requires_grad and "encoderblock_0/importance_loss" in model.metrics
+    (logits.square().mean() + aux).backward()
+    assert model.blocks[0].mlp.router.weight.grad.abs().sum() > 0
+    logits2, metrics = model(x, return_metrics=True)
+    assert metrics is model.metrics
+    with pytest.raises(RuntimeError, match="No forward"):
+        _ = create_model("vit_mi4").auxiliary_loss

@@ -92,7 +92,7 @@ def test_huggingface_vit_directory_equals_its_forward(cls_name, tmp_path):
     with torch.no_grad():
         out = src(pixel_values=(IMAGES_01 - 0.5) / 0.5)  # ViTImageProcessor's mean/std 0.5
         if cls_name == "ViTModel":
-            ref, mine = out.pooler_output, ours.forward_head(ours.forward_features(IMAGES_01 * 2 - 1)[0])
+            ref, mine = out.pooler_output, ours.forward_head(ours.forward_features(IMAGES_01 * 2 - 1))
         else:
             ref, mine = out.logits, _ours(ours)
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)

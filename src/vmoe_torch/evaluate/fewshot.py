@@ -20,7 +20,7 @@ def extract_features(model, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
     device = next(model.parameters()).device
     feats, labels = [], []
     for images, y in loader:
-        tokens, _ = model.forward_features(to_model_range(images.to(device)))
+        tokens = model.forward_features(to_model_range(images.to(device)))
         f = model.forward_head(tokens, pre_logits=True).double()
         members = model.ensemble_size
         if members > 1:

@@ -35,6 +35,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=eps)
         moe = cfg.moe
         self.is_moe = moe is not None and index in moe.layers
+        self.metrics: Optional[Metrics] = None  # the MoE layer's metrics of the last forward
         if moe is not None and self.is_moe:
             self.mlp: nn.Module = MoeMlp(
                 d, moe.mlp_dim or cfg.mlp_dim, moe.num_experts, moe.routing_for(index),
@@ -43,22 +44,26 @@ class Block(nn.Module):
         else:
             self.mlp = Mlp(d, cfg.mlp_dim, cfg.dropout_rate, cfg.gelu)
 
-    def forward(self, x: Tensor, noise: Optional[Tensor] = None) -> tuple[Tensor, Optional[Metrics]]:
+    def forward(self, x: Tensor, noise: Optional[Tensor] = None) -> Tensor:
+        """(B, N, D) -> (B, N, D); an MoE block leaves its layer's metrics in
+        `self.metrics` (so that hooks and wrappers only ever see tensors)."""
         x = x + self.drop(self.attn(self.norm1(x)))
         if self.is_moe:
-            y, metrics = self.mlp(self.norm2(x), noise=noise)
-            return x + y, metrics
-        return x + self.mlp(self.norm2(x)), None
+            y, self.metrics = self.mlp(self.norm2(x), noise=noise)
+            return x + y
+        return x + self.mlp(self.norm2(x))
 
 
 class VisionTransformerMoe(nn.Module):
     """Vision Transformer with sparse MoE layers (arXiv 2106.05974).
 
     `model(images)` takes (B, C, H, W) float images and returns logits
-    (B, num_classes); `model(images, return_metrics=True)` returns
-    `(logits, metrics)`, where `metrics["auxiliary_loss"]` is the 0-dim
+    (B, num_classes). Each forward leaves its MoE metrics in `model.metrics`:
+    `metrics["auxiliary_loss"]` (also `model.auxiliary_loss`) is the 0-dim
     tensor to add to the training loss and `encoderblock_<i>/<name>` holds
-    each MoE layer's per-group (G,) metrics.
+    each MoE layer's per-group (G,) metrics; `model(images,
+    return_metrics=True)` returns `(logits, metrics)` as a convenience.
+    `forward_features`, `forward_head` and every block return tensors.
 
     E^3 (`config.moe.ensemble_size` M > 1): the tokens are repeated M times
     just before the first MoE block (row b*M + m is image b for member m)
@@ -78,6 +83,9 @@ class VisionTransformerMoe(nn.Module):
             raise ValueError("Pass either a ModelConfig or keyword arguments, not both.")
         config.validate()
         self._config = config
+        # The MoE metrics of the last forward (a declared channel: forward
+        # returns tensors only unless return_metrics=True).
+        self.metrics: Metrics = {}
         d = config.hidden_size
         self.patch_embed = PatchEmbed(config.patch_size, d, config.in_chans)
         self.num_prefix_tokens = 1 if config.classifier == "token" else 0
@@ -207,9 +215,10 @@ class VisionTransformerMoe(nn.Module):
         return self.patch_embed.grid(images.shape[2], images.shape[3])
 
     def forward_features(self, images: Tensor, router_noise: Optional[Mapping[str, Tensor]] = None,
-                         interpolate_pos_embed: bool = False) -> tuple[Tensor, Metrics]:
+                         interpolate_pos_embed: bool = False) -> Tensor:
         """(B, C, H, W) -> encoded tokens (B, N, D) after the encoder norm (before
-        it with `norm_after_pool`), and metrics."""
+        it with `norm_after_pool`). The MoE metrics of this forward, the
+        auxiliary loss included, are left in `self.metrics`."""
         grid = self._check_images(images)
         x = self.patch_embed(images)
         if self.cls_token is not None:
@@ -222,7 +231,8 @@ class VisionTransformerMoe(nn.Module):
                 x = x.repeat_interleave(self.ensemble_size, dim=0)
             name = f"encoderblock_{i}"
             noise = router_noise.get(name) if router_noise else None
-            x, m = block(x, noise)
+            x = block(x, noise)
+            m = block.metrics if block.is_moe else None
             if m is not None:
                 for key, value in m.items():
                     if key == "auxiliary_loss":
@@ -231,9 +241,10 @@ class VisionTransformerMoe(nn.Module):
                     metrics[f"{name}/{out_key}"] = value
                 aux = aux + m["auxiliary_loss"]
         metrics["auxiliary_loss"] = aux
+        self.metrics = metrics
         if self._config.norm_after_pool:
-            return x, metrics  # the norm is applied to the pooled vector (`pool`)
-        return self.norm(x), metrics
+            return x  # the norm is applied to the pooled vector (`pool`)
+        return self.norm(x)
 
     def pool(self, x: Tensor) -> Tensor:
         """(B, N, D) -> (B, D) by the configured classifier."""
@@ -258,9 +269,19 @@ class VisionTransformerMoe(nn.Module):
     def forward(self, images: Tensor, return_metrics: bool = False,
                 router_noise: Optional[Mapping[str, Tensor]] = None,
                 interpolate_pos_embed: bool = False):
-        x, metrics = self.forward_features(images, router_noise, interpolate_pos_embed)
-        logits = self.forward_head(x)
-        return (logits, metrics) if return_metrics else logits
+        """Logits (B, classes); with `return_metrics=True`, `(logits, metrics)`.
+        Either way the metrics of this forward stay in `self.metrics` and the
+        auxiliary loss to add to the task loss in `self.auxiliary_loss`."""
+        logits = self.forward_head(self.forward_features(images, router_noise, interpolate_pos_embed))
+        return (logits, self.metrics) if return_metrics else logits
+
+    @property
+    def auxiliary_loss(self) -> Tensor:
+        """0-dim tensor: the last forward's weighted auxiliary loss, summed over
+        MoE layers (zero for dense models and Soft MoE). Add it to the loss."""
+        if "auxiliary_loss" not in self.metrics:
+            raise RuntimeError("No forward has run yet: call the model first.")
+        return self.metrics["auxiliary_loss"]
 
     # -------------------------------------------------------------- routing
     def moe_layers(self) -> dict[str, MoeMlp]:
