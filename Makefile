@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check src benchmarks experiments
+	$(PY) -m mypy src
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -64,7 +64,8 @@ def run_demo(workdir: str = "runs/demo", quick: bool = False, overrides: Sequenc
         trainers[name] = trainer
         model = trainer.model
         tpi = model.config.tokens_per_image
-        group_images = max(1, (model.config.moe.group_size // tpi) if model.config.moe else 8)
+        moe_cfg = model.config.moe
+        group_images = max(1, moe_cfg.group_size // tpi) if moe_cfg is not None and moe_cfg.group_size else 8
         image = trainer.test_ds[0][0][None].float() / 127.5 - 1
         results[name] = {
             "model": cfg.model.name, "steps": cfg.train.steps, "batch_size": cfg.data.batch_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Sequence
 
 from ..utils.io import atomic_write_json
 
@@ -88,7 +89,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_demo)
 
 
-def _load(args: argparse.Namespace, extra: list[str] = ()):
+def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
     from ..config import load_config
     if args.config is not None and not os.path.exists(args.config):
         raise FileNotFoundError(f"Config file {args.config!r} not found.")

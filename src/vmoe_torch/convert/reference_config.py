@@ -128,7 +128,7 @@ def config_from_reference(kwargs: Mapping[str, Any], params: Optional[Mapping[st
         num_classes=int(top.get("num_classes") or 0), image_size=as_pair(image_size), patch_size=patch,
         hidden_size=int(top["hidden_size"]), num_layers=int(enc["num_layers"]),
         num_heads=int(enc["num_heads"]), mlp_dim=int(enc["mlp_dim"]), classifier=classifier,
-        representation_size=top.get("representation_size"), position_emb=pos,
+        representation_size=top.get("representation_size"), position_emb=pos,  # type: ignore[arg-type]
         dropout_rate=float(enc.get("dropout_rate", 0.0)),
         attention_dropout_rate=float(enc.get("attention_dropout_rate", 0.0)),
         head_bias_init=float(top.get("head_bias_init", 0.0)),

@@ -34,10 +34,10 @@ def reference_kwargs(desc: str, num_classes: int, image_size: int, representatio
     dispatch, group size of 8 images; for E^3, eee_paper: 8 images per
     member and group, members interleaved)."""
     head, *opts = [p.strip() for p in desc.split(",")]
-    size, patch = head.split("-")[-1].split("/")
+    size, patch_text = head.split("-")[-1].split("/")
     opts_d = {o.split("=")[0]: o.split("=")[1] for o in opts if "=" in o}
     where = next(o for o in opts if o.startswith(("Every", "Last")))
-    bb, patch = BACKBONES[size], int(patch)
+    bb, patch = BACKBONES[size], int(patch_text)
     n = int(where.split()[1])
     layers = every_n(bb.num_layers, n) if where.startswith("Every") else last_n(bb.num_layers, n)
     kwargs: dict[str, Any] = {

@@ -77,7 +77,7 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
     """Shards every MoE layer's experts over the ranks of `group` in place,
     and sets each layer's first global group index for per-group noise."""
     for layer in _moe_layers(model):
-        layer.experts = ShardedExperts(layer.experts, group)
+        layer.experts = ShardedExperts(layer.experts, group)  # type: ignore[assignment]
         layer.rank = dist.get_rank(group)
     return model
 
@@ -167,7 +167,8 @@ def clip_grad_norm_distributed(model: nn.Module, max_norm: Optional[float], grou
     """Global-norm clipping over the whole (sharded) model, after
     `sync_gradients`: replicated gradients count once, every rank's experts
     count once. Returns the norm before clipping."""
-    replicated, experts = [], []
+    replicated: list[torch.Tensor] = []
+    experts: list[torch.Tensor] = []
     for n, p in model.named_parameters():
         if p.grad is not None:
             (experts if is_expert_param(n) else replicated).append(p.grad)

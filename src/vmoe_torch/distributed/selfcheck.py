@@ -14,15 +14,17 @@ import itertools
 import json
 import os
 import tempfile
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..models.registry import create_model
+from ..models.vit_moe import VisionTransformerMoe
 from .expert_parallel import expert_parallel, gather_state_dict, is_expert_param, sync_gradients
 
-CASES = [dict(num_experts=e, num_selected_experts=k, batch_priority=b, capacity_factor=c)
+CASES: list[dict[str, Any]] = [dict(num_experts=e, num_selected_experts=k, batch_priority=b, capacity_factor=c)
          for e, k, b, c in itertools.product((4, 8), (1, 2), (False, True), (0.5, 1.05))]
 # Soft MoE (slots exchanged like capacity buffers) and E^3 (members' experts on different ranks).
 CASES += [dict(num_experts=4, router="soft", num_slots=2, noise_std=0.5),
@@ -30,7 +32,7 @@ CASES += [dict(num_experts=4, router="soft", num_slots=2, noise_std=0.5),
                capacity_factor=0.5)]
 
 
-def _model(case: dict) -> torch.nn.Module:
+def _model(case: dict) -> VisionTransformerMoe:
     torch.manual_seed(0)
     model = create_model("vmoe_mi4_every1", num_layers=2, layers=(0, 1), patch_size=8, image_size=32,
                          group_size=2 * 17, **case).train()
@@ -52,7 +54,7 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
 
 def _check_case(case: dict, batch: int, rank: int, world: int) -> dict[str, float]:
     full = _model(case)
-    ep = expert_parallel(copy.deepcopy(full))
+    ep = cast(VisionTransformerMoe, expert_parallel(copy.deepcopy(full)))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
@@ -74,9 +76,14 @@ def _check_case(case: dict, batch: int, rank: int, world: int) -> dict[str, floa
         if is_expert_param(name):
             ref_name = name.replace(".local.", ".")
             per = p.shape[0]
-            ref = full_grads[ref_name].grad[rank * per:(rank + 1) * per]
+            full_grad = full_grads[ref_name].grad
+            assert full_grad is not None
+            ref = full_grad[rank * per:(rank + 1) * per]
         else:
-            ref = full_grads[name].grad
+            full_grad = full_grads[name].grad
+            assert full_grad is not None
+            ref = full_grad
+        assert p.grad is not None
         grad_diff = max(grad_diff, float((p.grad - ref).abs().max()))
     out["grads"] = grad_diff
     return out
@@ -85,7 +92,7 @@ def _check_case(case: dict, batch: int, rank: int, world: int) -> dict[str, floa
 def _check_training(rank: int, world: int, batch: int, steps: int = 5) -> dict[str, float]:
     case = dict(num_experts=8, num_selected_experts=2, batch_priority=True, capacity_factor=0.5)
     full = _model(case)
-    ep = expert_parallel(copy.deepcopy(full))
+    ep = cast(VisionTransformerMoe, expert_parallel(copy.deepcopy(full)))
     # SGD with momentum (the paper's fine-tuning optimiser). Adam would divide
     # float32 rounding noise on near-zero gradients by sqrt(v) ~ |g| and turn
     # 1e-8 gradient differences into lr-sized parameter differences.

@@ -3,7 +3,7 @@ accuracy over a grid of routing settings (no retraining)."""
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -12,7 +12,7 @@ from ..models.ensemble import ensemble_log_probs
 
 
 @torch.no_grad()
-def evaluate_classification(model: torch.nn.Module, loader: Iterable, multilabel: bool = False,
+def evaluate_classification(model: Any, loader: Iterable, multilabel: bool = False,
                             bf16: bool = False) -> dict[str, float]:
     """Returns {"top1", "top5", "num_examples", "dropped_fraction"?, ...}.
 

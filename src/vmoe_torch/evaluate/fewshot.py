@@ -4,7 +4,7 @@ onto targets in {-1, 1}; the regulariser is chosen from a grid on held-out
 training examples; results are mean ± std over seeds."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ def _sample(labels: np.ndarray, per_class: int, rng: np.random.Generator,
 def fewshot_evaluate(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                      shots: Sequence[int] = (1, 5, 10, 25), seeds: int = 3,
                      l2_grid: Sequence[float] = (2.0 ** -10, 1.0, 16.0, 256.0, 1024.0),
-                     heldout_per_class: int = 10) -> dict[str, dict[str, float]]:
+                     heldout_per_class: int = 10) -> dict[str, dict[str, Any]]:
     """{"<shots>": {"mean", "std", "l2": [chosen per seed]}} test accuracy.
 
     For each shot count and seed: sample `shots` training examples per class,
@@ -69,7 +69,7 @@ def fewshot_evaluate(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     is already on the shots); report test accuracy.
     """
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for k in shots:
         accs, chosen = [], []
         for seed in range(seeds):

@@ -11,10 +11,11 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, patch_size: tuple[int, int], dim: int, in_chans: int = 3) -> None:
         super().__init__()
-        self.patch_size = tuple(patch_size)
+        self.patch_size: tuple[int, int] = (int(patch_size[0]), int(patch_size[1]))
         self.in_chans = in_chans
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch_size, stride=self.patch_size)
         lecun_normal_(self.proj.weight, in_chans * self.patch_size[0] * self.patch_size[1])
+        assert self.proj.bias is not None
         nn.init.zeros_(self.proj.bias)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:

@@ -14,8 +14,8 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
 # CPU-sized presets: no representation layer, fp32 dispatch (the bf16 rounding
 # only costs time on CPUs), aux loss weight 0.01 each.
-_TINY = dict(representation_size=None)
-_TINY_ROUTING = dict(bfloat16_dispatch=False, importance_loss_weight=0.01, load_loss_weight=0.01)
+_TINY: dict[str, Any] = dict(representation_size=None)
+_TINY_ROUTING: dict[str, Any] = dict(bfloat16_dispatch=False, importance_loss_weight=0.01, load_loss_weight=0.01)
 
 
 def register(name: str, description: str, tiny: bool = False, **kw: Any) -> None:
@@ -65,9 +65,12 @@ def soft_moe_config(size: str, patch: int, num_experts: int, num_slots: int,
 
 
 # Soft MoE paper models: 128 experts of one slot each (128 slots for 196 tokens).
+def _soft_preset(size: str) -> Callable[[], ModelConfig]:
+    return lambda: soft_moe_config(size, 16, num_experts=128, num_slots=1)
+
+
 for _size in ("S", "B", "L"):
-    PRESETS[f"soft_moe_{_size.lower()}16_128e"] = (
-        lambda _s=_size: soft_moe_config(_s, 16, num_experts=128, num_slots=1))
+    PRESETS[f"soft_moe_{_size.lower()}16_128e"] = _soft_preset(_size)
 PRESETS["soft_moe_mi4_half"] = lambda: dataclasses.replace(
     parse_description("V-MoE-Mi/4, E=8, K=1, Second half", num_classes=10, image_size=32),
     representation_size=None, classifier="gap", moe=MoeConfig(

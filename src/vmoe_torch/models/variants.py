@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from ..moe.config import RoutingConfig
 from .config import ModelConfig, MoeConfig
@@ -94,7 +94,7 @@ def parse_description(text: str, num_classes: int = 1000,
     experts = k = None
     members = 1
     cf = 1.05
-    layers: Optional[tuple[int, ...]] = None
+    layers: Optional[tuple[Any, ...]] = None   # ("every" | "last" | "half", n) or explicit indices
     for opt in opts:
         low = opt.lower().replace(" ", "")
         if low.startswith("e="):
@@ -124,7 +124,7 @@ def parse_description(text: str, num_classes: int = 1000,
         raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}.")
     # The paper's settings (reference vmoe_paper/common.py): token classifier,
     # representation layer of the hidden size, head bias -log(classes).
-    base = dict(num_classes=num_classes, image_size=(image_size, image_size),
+    base: dict[str, Any] = dict(num_classes=num_classes, image_size=(image_size, image_size),
                 patch_size=(patch, patch), hidden_size=bb.hidden_size, num_layers=bb.num_layers,
                 num_heads=bb.num_heads, mlp_dim=bb.mlp_dim, classifier="token",
                 representation_size=bb.hidden_size,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -95,7 +95,7 @@ class VisionTransformerMoe(nn.Module):
             n = self.pos_grid[0] * self.pos_grid[1] + self.num_prefix_tokens
             self.pos_embed = nn.Parameter(torch.empty(1, n, d).normal_(std=0.02))
         else:
-            self.pos_embed = None
+            self.pos_embed = None  # type: ignore[assignment]
         self.pos_drop = nn.Dropout(config.dropout_rate)
         self.ensemble_size = config.moe.ensemble_size if config.moe is not None else 1
         moe_layers = sorted(config.moe.layers) if config.moe is not None else []
@@ -123,14 +123,14 @@ class VisionTransformerMoe(nn.Module):
         cfg = self._config
         if cfg.moe is None:
             return cfg
-        per = {i: b.mlp.routing for i, b in enumerate(self.blocks) if b.is_moe}
+        per = {int(name.split("_")[-1]): layer.routing for name, layer in self.moe_layers().items()}
         if not per:
             return cfg
+        moe = cfg.moe
         values = list(per.values())
-        base = max(values, key=lambda r: (values.count(r), r == cfg.moe.routing))
+        base = max(values, key=lambda r: (values.count(r), r == moe.routing))
         overrides = tuple(LayerRouting(i, r) for i, r in sorted(per.items()) if r != base)
-        return dataclasses.replace(cfg, moe=dataclasses.replace(
-            cfg.moe, routing=base, layer_routing=overrides))
+        return dataclasses.replace(cfg, moe=dataclasses.replace(moe, routing=base, layer_routing=overrides))
 
     @config.setter
     def config(self, value: ModelConfig) -> None:
@@ -173,7 +173,7 @@ class VisionTransformerMoe(nn.Module):
             new = resample_pos_embed(self.pos_embed.data, self.pos_grid, new_grid, self.num_prefix_tokens)
             self.pos_embed = nn.Parameter(new)
         self.pos_grid = new_grid
-        self._config = dataclasses.replace(self._config, image_size=tuple(image_size))
+        self._config = dataclasses.replace(self._config, image_size=(int(image_size[0]), int(image_size[1])))
 
     def _add_pos_embed(self, x: Tensor, grid: tuple[int, int], interpolate: bool) -> Tensor:
         kind = self._config.position_emb
@@ -226,7 +226,7 @@ class VisionTransformerMoe(nn.Module):
         x = self.pos_drop(self._add_pos_embed(x, grid, interpolate_pos_embed))
         metrics: Metrics = {}
         aux = x.new_zeros((), dtype=torch.float32)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self._blocks()):
             if i == self.first_moe_block and self.ensemble_size > 1:
                 x = x.repeat_interleave(self.ensemble_size, dim=0)
             name = f"encoderblock_{i}"
@@ -253,6 +253,7 @@ class VisionTransformerMoe(nn.Module):
         if self._config.classifier == "gap":
             pooled = x.mean(dim=1)
             return self.norm(pooled) if self._config.norm_after_pool else pooled
+        assert self.map_head is not None
         return self.map_head(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -286,7 +287,10 @@ class VisionTransformerMoe(nn.Module):
     # -------------------------------------------------------------- routing
     def moe_layers(self) -> dict[str, MoeMlp]:
         """{"encoderblock_<i>": MoeMlp} for every MoE block."""
-        return {f"encoderblock_{i}": b.mlp for i, b in enumerate(self.blocks) if b.is_moe}
+        return {f"encoderblock_{i}": cast(MoeMlp, b.mlp) for i, b in enumerate(self._blocks()) if b.is_moe}
+
+    def _blocks(self) -> list[Block]:
+        return [cast(Block, b) for b in self.blocks]
 
     def set_routing(self, layers: Optional[list[int]] = None, **changes: Any) -> None:
         """Changes routing at inference without retraining, e.g.

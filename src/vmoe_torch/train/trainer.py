@@ -191,6 +191,7 @@ class Trainer:
 
     def _save(self, step: int) -> Optional[str]:
         model_state = self.full_state()
+        assert self.optimizer is not None
         opt_state = (gather_optimizer_state(self.optimizer, self.model) if self.expert_parallel
                      else self.optimizer.state_dict())
         path = None
@@ -285,7 +286,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if (cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total
-                        and self.world == 1):
+                        and self.world == 1 and logger is not None):
                     logger.log({"step": done, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
                     self.model.train()
                 if self.world > 1:  # every rank must agree to stop
@@ -329,10 +330,12 @@ class Trainer:
     def _train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor, mixup,
                     collect_routing: bool = True) -> dict[str, Any]:
         cfg = self.cfg
+        optimizer = self.optimizer
+        assert optimizer is not None, "fit() builds the optimizer before the first step"
         torch.manual_seed(step_seed(cfg.train.seed, step))
         self.model.set_noise_seed(step_seed(cfg.train.seed, step))
         lr = learning_rate(step, cfg.train.steps, cfg.optim.lr, cfg.schedule)
-        for group in self.optimizer.param_groups:
+        for group in optimizer.param_groups:
             group["lr"] = lr
         x = to_model_range(images.to(self.device, non_blocking=True))
         labels = labels.to(self.device, non_blocking=True)
@@ -365,8 +368,8 @@ class Trainer:
             task_total, aux_total = (totals / self.world).tolist()
         else:
             grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         record: dict[str, Any] = {"step": step + 1, "loss": task_total + aux_total, "task_loss": task_total,
                                   "auxiliary_loss": aux_total, "lr": lr, "grad_norm": grad_norm}
         for key, values in routing.items():  # per-layer means over groups (and micro-batches)
