@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m vmoe_torch.cli.main demo --workdir $(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m ruff check src benchmarks experiments
+	$(PY) -m ruff check .
 	$(PY) -m mypy src
 	$(PY) -m pytest -q tests
 

@@ -37,6 +37,7 @@ def trained(tmp_path_factory):
     """A tiny V-MoE trained for 6 steps on the bundled digits (shared by the
     evaluation and analysis tests)."""
     from helpers import TINY
+
     from vmoe_torch.config import load_config
     from vmoe_torch.train.trainer import Trainer
     trainer = Trainer(load_config(None, TINY + ["train.steps=6"]), str(tmp_path_factory.mktemp("wd")))

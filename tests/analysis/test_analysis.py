@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from vmoe_torch.analysis.report import _Recorder, analyze
-from vmoe_torch.analysis.stats import (class_expert_counts, flatten_runs, normalized_mutual_information,
-                                       processed_mask, row_shares)
+from vmoe_torch.analysis.stats import (
+    class_expert_counts,
+    flatten_runs,
+    normalized_mutual_information,
+    processed_mask,
+    row_shares,
+)
 from vmoe_torch.data.pipeline import eval_batches, to_model_range
 
 
@@ -80,8 +85,8 @@ def test_report_renders(trained, tmp_path):
     assert "capacity_sweep.png" in report and "normalised mutual information" in report
     assert (out / "capacity_sweep.csv").exists()
     # The analysis leaves routing settings as they were.
-    assert all(l.routing.capacity_factor == 1.05 and l.recorded is None
-               for l in trained.model.moe_layers().values())
+    assert all(layer.routing.capacity_factor == 1.05 and layer.recorded is None
+               for layer in trained.model.moe_layers().values())
     assert 0 <= res["ablation"]["MoE outputs zeroed"] <= 1
 
 

@@ -9,13 +9,19 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-
 from conftest import MODELS
+
 from vmoe_torch import create_model, from_pretrained
 from vmoe_torch.cli.main import main as cli
-from vmoe_torch.convert import (CheckpointError, load_reference_config, model_from_reference,
-                                model_to_reference, read_reference_checkpoint, save_pretrained,
-                                write_reference_checkpoint)
+from vmoe_torch.convert import (
+    CheckpointError,
+    load_reference_config,
+    model_from_reference,
+    model_to_reference,
+    read_reference_checkpoint,
+    save_pretrained,
+    write_reference_checkpoint,
+)
 from vmoe_torch.convert.native import read_index
 
 CASE_B = MODELS / "b_token_repr_e4_k2_bpr_drop"
@@ -151,8 +157,8 @@ def test_cli_convert_and_its_errors(tmp_path, capsys):
 
 
 def test_released_registry():
-    from vmoe_torch.convert.released import RELEASED, released_config
     from vmoe_torch.convert import config_from_reference
+    from vmoe_torch.convert.released import RELEASED, released_config
     cfg = config_from_reference(released_config("vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012"),
                                 image_size=384)
     assert cfg.moe.layers == (1, 3, 5, 7, 9, 11) and cfg.moe.group_size == 8 * 577

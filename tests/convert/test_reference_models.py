@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import MODEL_CASES, MODELS, npz
+
 from vmoe_torch.convert import load_reference_config, model_from_reference
 
 

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
-
 from helpers import TINY
+
 from vmoe_torch.data.pipeline import eval_batches
 from vmoe_torch.evaluate import evaluate_classification, fewshot_evaluate, routing_grid
 from vmoe_torch.evaluate.fewshot import ridge_fit
@@ -23,7 +22,7 @@ def test_routing_grid(trained):
     low = [r for r in rows if r["capacity_factor"] == 0.25]
     assert all(r["processed_fraction"] < 1.0 for r in low)
     # The routing grid leaves the model's settings unchanged.
-    assert all(l.routing.capacity_factor == 1.05 for l in model.moe_layers().values())
+    assert all(layer.routing.capacity_factor == 1.05 for layer in model.moe_layers().values())
 
 
 def test_classification_metrics(trained):

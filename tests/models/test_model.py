@@ -94,9 +94,9 @@ def test_set_routing_and_context_manager():
     x = torch.randn(2, 3, 32, 32)
     with model.routing(num_selected_experts=1, capacity_factor=0.25, batch_priority=True):
         _, m = model(x, return_metrics=True)
-        assert all(l.routing.num_selected_experts == 1 for l in model.moe_layers().values())
+        assert all(layer.routing.num_selected_experts == 1 for layer in model.moe_layers().values())
         assert float(m["encoderblock_0/dropped_fraction"].mean()) > 0.5
-    assert all(l.routing.num_selected_experts == 2 for l in model.moe_layers().values())
+    assert all(layer.routing.num_selected_experts == 2 for layer in model.moe_layers().values())
     model.set_routing(layers=[1], capacity_factor=2.0)
     assert model.moe_layers()["encoderblock_1"].routing.capacity_factor == 2.0
     assert model.moe_layers()["encoderblock_0"].routing.capacity_factor == 1.05
@@ -160,7 +160,8 @@ def test_bad_inputs_give_clear_errors():
 
 def test_dense_vit_of_same_shape_has_fewer_params():
     dense, sparse = create_model("vit_mi4"), create_model("vmoe_mi4_every2")
-    n = lambda m: sum(p.numel() for p in m.parameters())
+    def n(m):
+        return sum(p.numel() for p in m.parameters())
     assert n(sparse) > n(dense)
     assert sparse.config.hidden_size == dense.config.hidden_size
 

@@ -6,8 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from vmoe_torch import MoeMlp
-from vmoe_torch.moe import (Bfloat16Dispatcher, EinsumDispatcher, IndexDispatcher, routing_to_dense,
-                            split_into_groups, top_experts_per_item)
+from vmoe_torch.moe import (
+    Bfloat16Dispatcher,
+    EinsumDispatcher,
+    IndexDispatcher,
+    routing_to_dense,
+    split_into_groups,
+    top_experts_per_item,
+)
 from vmoe_torch.moe.dispatch import round_to_bfloat16
 
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-
 from conftest import ROUTING, load_json, npz
-from vmoe_torch.moe import (RoutingConfig, compute_capacity, dense_combine_weights, gshard_loss,
-                            importance_loss, load_loss, top_experts_per_item, top_items_metrics,
-                            top_items_per_expert, top_items_to_dense)
+
+from vmoe_torch.moe import (
+    RoutingConfig,
+    compute_capacity,
+    dense_combine_weights,
+    gshard_loss,
+    importance_loss,
+    load_loss,
+    top_experts_per_item,
+    top_items_metrics,
+    top_items_per_expert,
+    top_items_to_dense,
+)
 from vmoe_torch.moe.layer import MoeMlp
 
 TOP_EXPERTS = load_json(ROUTING / "top_experts_manifest.json")["cases"]
@@ -87,14 +95,16 @@ def test_auxiliary_losses(case):
     d = {k.split("/", 1)[1]: torch.from_numpy(np.asarray(v)) for k, v in AUX.items() if k.startswith(case + "/")}
     gates = torch.softmax(d["logits"], -1)
     np.testing.assert_allclose(gates.numpy(), d["gates_softmax"].numpy(), atol=1e-6)
-    np.testing.assert_allclose(importance_loss(d["gates_softmax"]).numpy(), d["importance_loss"].numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(gshard_loss(d["gates_softmax"]).numpy(), d["gshard_loss"].numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(gshard_loss(d["gates_softmax_noisy"]).numpy(), d["gshard_loss_noisy"].numpy(), rtol=1e-6, atol=1e-6)
+    tol = dict(rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(importance_loss(d["gates_softmax"]).numpy(), d["importance_loss"].numpy(), **tol)
+    np.testing.assert_allclose(gshard_loss(d["gates_softmax"]).numpy(), d["gshard_loss"].numpy(), **tol)
+    np.testing.assert_allclose(gshard_loss(d["gates_softmax_noisy"]).numpy(), d["gshard_loss_noisy"].numpy(), **tol)
     got = load_loss(d["logits"], d["logits_noisy"], float(d["noise_std"]), int(d["num_selected_experts"]))
     np.testing.assert_allclose(got.numpy(), d["load_loss"].numpy(), rtol=1e-6, atol=1e-6)
     # Float64 re-computation of the importance loss agrees too.
     g64 = d["gates_softmax"].double().sum(1)
-    np.testing.assert_allclose((g64.var(-1, unbiased=False) / g64.mean(-1) ** 2).numpy(), d["importance_loss"].numpy(), rtol=1e-5)
+    np.testing.assert_allclose((g64.var(-1, unbiased=False) / g64.mean(-1) ** 2).numpy(),
+                               d["importance_loss"].numpy(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("run", ROUTER_RUNS, ids=[r["name"] for r in ROUTER_RUNS])

@@ -33,6 +33,7 @@ def test_rank_offset_gives_each_rank_the_noise_of_its_own_groups():
 
 def test_misaligned_groups_warn(tmp_path):
     from helpers import TINY
+
     from vmoe_torch.config import load_config
     from vmoe_torch.train.trainer import Trainer
     cfg = load_config(None, TINY + ["train.steps=1", "train.grad_accum=4"])  # 4 images = 68 tokens; group 34 ok

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import TINY
+
 from vmoe_torch.config import load_config
 from vmoe_torch.train.checkpoint import list_checkpoints
 from vmoe_torch.train.trainer import Trainer

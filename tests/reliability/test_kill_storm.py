@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-
 from helpers import TINY
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import TINY
+
 from vmoe_torch.config import load_config
 from vmoe_torch.train.trainer import Trainer
 
@@ -21,8 +21,8 @@ def test_training_aids_run_and_learn_something(tmp_path, extra):
     summary = Trainer(cfg, str(tmp_path)).fit()
     assert summary["status"] == "completed"
     import json
-    losses = [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl")]
-    assert len(losses) == 3 and all(math.isfinite(l) for l in losses)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
@@ -47,7 +47,7 @@ def test_finetune_new_head_resolution_and_freezing(tmp_path, trained):
     assert ft.model.config.image_size == (48, 48)
     assert ft.model.pos_embed.shape[1] == 1 + 6 * 6
     assert float(ft.model.head.weight.detach().abs().sum()) == 0.0
-    assert all(l.routing.capacity_factor == 1.5 for l in ft.model.moe_layers().values())
+    assert all(layer.routing.capacity_factor == 1.5 for layer in ft.model.moe_layers().values())
     ft.fit()
     for n, p in ft.model.named_parameters():
         frozen = n.startswith(("patch_embed", "blocks.0"))

@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from helpers import TINY
+
 from vmoe_torch.config import load_config
 from vmoe_torch.train.checkpoint import list_checkpoints
 from vmoe_torch.train.trainer import Trainer
@@ -27,7 +27,7 @@ def _cmd(workdir, extra=()):
 
 def _losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(l) for l in f if l.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
