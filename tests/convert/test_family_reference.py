@@ -108,3 +108,24 @@ def test_native_round_trip(case, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(images), model(images), rtol=0, atol=0)
     assert again.config == model.config
+
+
+def test_e3_with_one_member_is_the_plain_vmoe_on_reference_data():
+    """An E^3 model of ensemble size 1 (VisionTransformerMoeEnsemble, M=1),
+    loaded from case b's checkpoint, reproduces the plain reference model:
+    eval logits, and training-mode logits with the reference's noise draws."""
+    d = MODELS / "b_token_repr_e4_k2_bpr_drop"
+    kwargs = load_reference_config(str(d / "config.json"))
+    e3_kwargs = dict(kwargs, name="VisionTransformerMoeEnsemble")
+    e3_kwargs["encoder"] = dict(kwargs["encoder"], moe=dict(kwargs["encoder"]["moe"], ensemble_size=1))
+    e3 = model_from_reference(str(d / "ckpt"), e3_kwargs)
+    plain = model_from_reference(str(d / "ckpt"), kwargs)
+    assert e3.config.moe.ensemble_size == 1
+    images = torch.from_numpy(np.load(d / "images.npy")).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(e3(images), plain(images), rtol=0, atol=0)
+        np.testing.assert_allclose(e3(images).numpy(), np.load(d / "logits.npy"), atol=1e-5)
+        tm = npz(d / "train_mode.npz")
+        noise = {k.split("/")[1]: torch.from_numpy(v) for k, v in tm.items() if k.startswith("std_normal_draw/")}
+        e3.train()
+        np.testing.assert_allclose(e3(images, router_noise=noise).numpy(), tm["logits"], atol=1e-5)

@@ -62,9 +62,8 @@ def run(args: argparse.Namespace) -> int:
     read = dict(num_heads=args.num_heads, image_size=args.image_size, classifier=args.classifier,
                 reference_config=load_reference_config(args.config) if args.config else None)
     src = read_dense(args.source, args.source_format, **read)  # fails here, before any write
-    model = upcycle(args.source, args.model, source_format=args.source_format, noise_std=args.noise_std,
-                    seed=args.seed, num_classes=args.num_classes, group_size=args.group_size,
-                    read_options=read, **routing)
+    model = upcycle(src, args.model, noise_std=args.noise_std, seed=args.seed,
+                    num_classes=args.num_classes, group_size=args.group_size, **routing)
     source = {"kind": "upcycled", "from": args.source_format or src.description.split()[0],
               "path": os.path.abspath(args.source), "model": args.model, "noise_std": args.noise_std,
               "seed": args.seed, "notes": src.notes}

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ..models.config import ModelConfig
 from ..models.vit_moe import VisionTransformerMoe
-from ..utils.io import atomic_directory
+from ..utils.io import atomic_directory, looks_like_pickle
 from ..utils.typed_config import from_dict, to_dict
 from .model_card import model_card
 
@@ -81,12 +81,6 @@ def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool =
             f.write(model_card(model.config, source))
 
 
-def _looks_like_pickle(path: str) -> bool:
-    import zipfile
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80" or zipfile.is_zipfile(path)
-
-
 def _check_fingerprint(weights: str, cfg: ModelConfig) -> None:
     from safetensors import safe_open
     with safe_open(weights, framework="pt") as f:
@@ -126,7 +120,7 @@ def from_pretrained(path: str, map_location: str = "cpu", **routing: Any) -> Vis
     try:
         state = load_file(weights, device=map_location)
     except Exception as e:  # noqa: BLE001 - name the file, whatever safetensors says
-        kind = ("it is not a safetensors file (a pickle?)" if _looks_like_pickle(weights)
+        kind = ("it is not a safetensors file (a pickle?)" if looks_like_pickle(weights)
                 else "it is truncated or corrupt")
         raise ValueError(f"Cannot read {weights!r}: {kind} ({type(e).__name__}: {e}).") from e
     check_state(model, state)

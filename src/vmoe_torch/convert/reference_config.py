@@ -68,11 +68,8 @@ def _routing(router: Mapping[str, Any]) -> RoutingConfig:
     kw.update({k: v for k, v in r.items() if k != "name"})
     kw["bfloat16_dispatch"] = bool(disp.pop("bfloat16", False))
     kw.update(disp)
-    if kw.get("capacity") is not None:
-        kw.setdefault("capacity_factor", None)
-    else:
-        kw.setdefault("capacity_factor", None)
-        kw["capacity"] = None
+    kw.setdefault("capacity_factor", None)   # the reference has no defaults for these
+    kw.setdefault("capacity", None)
     return RoutingConfig(**kw)
 
 

@@ -97,7 +97,7 @@ def _images_per_group(cfg: ModelConfig) -> int:
     return cfg.moe.group_size // per_image if cfg.moe.group_size % per_image == 0 else 8
 
 
-def _split_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
+def _split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
     """Model / MoE / routing overrides. `moe={...}` and `routing={...}` name
     their section explicitly; a bare name is taken by the first section that
     has it, in that order (so `mlp_dim` is the model's, `moe={"mlp_dim": 256}`
@@ -147,7 +147,7 @@ def resolve_config(name: str, **overrides: Any) -> ModelConfig:
     else:
         raise ValueError(f"Unknown model {name!r}. Known presets: {list_models()}, or a paper "
                          "description such as 'ViT-S/32, E=8, K=2, Last 2'.")
-    model_kw, moe_kw, routing_kw = _split_overrides(cfg, overrides)
+    model_kw, moe_kw, routing_kw = _split_overrides(overrides)
     for key in ("image_size", "patch_size"):
         if key in model_kw:
             model_kw[key] = as_pair(model_kw[key])

@@ -30,7 +30,7 @@ from .readers import (
 )
 
 FORMATS = ("timm", "torchvision", "hf", "vit_jax", "native", "vmoe_torch")
-Source = Union[str, nn.Module, Mapping[str, Any]]
+Source = Union[str, nn.Module, Mapping[str, Any], DenseSource]
 
 
 def detect_format(keys: list[str]) -> str:
@@ -194,8 +194,9 @@ def upcycle(source: Source, model: Union[str, MoeConfig, ModelConfig], *, source
     """A V-MoE upcycled from a dense ViT.
 
     Args:
-      source: a weight file / directory / native prefix, a state_dict, or a
-        timm / torchvision / Hugging Face module (see `read_dense`).
+      source: a weight file / directory / native prefix, a state_dict, a
+        timm / torchvision / Hugging Face module (see `read_dense`), or a
+        `DenseSource` that `read_dense` already returned.
       model: a description with the source's backbone ("ViT-B/16, E=8, K=2,
         Every 2", "... Last 2", "... Layers 1 3", "... M=2" for E^3), or a
         MoeConfig / ModelConfig.
@@ -208,7 +209,8 @@ def upcycle(source: Source, model: Union[str, MoeConfig, ModelConfig], *, source
       **routing: RoutingConfig changes, e.g. router="expert_choice",
         capacity_factor=2.0, num_selected_experts=1, batch_priority=True.
     """
-    src = read_dense(source, source_format, **dict(read_options or {}))
+    src = source if isinstance(source, DenseSource) else read_dense(source, source_format,
+                                                                    **dict(read_options or {}))
     if src.config.moe is not None:
         raise SourceError("The source is already a V-MoE.")
     moe = _target_moe(src.config, model)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from ..utils.io import looks_like_pickle
 
 State = dict[str, torch.Tensor]
 
@@ -26,19 +27,13 @@ class SourceError(ValueError):
     and the fix."""
 
 
-def _is_pickle(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return head[:1] == b"\x80" or zipfile.is_zipfile(path)
-
-
 def load_safetensors(path: str) -> State:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        if _is_pickle(path):
+        if looks_like_pickle(path):
             raise SourceError(f"{path!r} is not a safetensors file (it looks like a pickle / "
                               "torch.save file). Rename it .pth/.bin to load it with "
                               "torch.load(weights_only=True), or convert it to safetensors.") from e

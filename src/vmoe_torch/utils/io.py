@@ -16,6 +16,14 @@ from typing import Any, Iterator
 TMP_PREFIX = ".tmp-"
 
 
+def looks_like_pickle(path: str) -> bool:
+    """True for a pickle or a torch.save zip archive (what a `.pth` holds),
+    to tell a mislabelled file from a damaged safetensors one."""
+    import zipfile
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80" or zipfile.is_zipfile(path)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
