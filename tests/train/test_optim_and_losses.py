@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from vmoe_torch import create_model
 from vmoe_torch.config.schema import OptimConfig, ScheduleConfig
 from vmoe_torch.train.losses import sigmoid_xent, softmax_xent
-from vmoe_torch.train.optim import build_optimizer, clip_grad_norm, is_kernel, learning_rate
+from vmoe_torch.train.optim import build_optimizer, clip_grad_norm, learning_rate
 
 
 def test_weight_decay_only_on_kernels():
@@ -19,7 +20,23 @@ def test_weight_decay_only_on_kernels():
     assert "patch_embed.proj.weight" in names and "blocks.0.attn.qkv.weight" in names
     assert not any(n.endswith("bias") or "norm" in n or n in ("pos_embed", "cls_token") for n in names)
     assert opt.param_groups[1]["weight_decay"] == 0.0
-    assert not is_kernel("pos_embed", model.pos_embed)
+
+
+@pytest.mark.parametrize("name", ["vmoe_mi4_every2", "soft_moe_mi4_half", "eee_mi4_every2", "vit_mi4"])
+def test_weight_decay_by_role_not_by_name(name):
+    """Issue 14 #5: the expert biases b1 (E, H) / b2 (E, D) are matrices but
+    biases; Soft MoE's slot parameters are not kernels either. Exactly the
+    Linear/Conv weights, the expert kernels w1/w2 and the gating matrices are
+    decayed, and the model's no_weight_decay() is the complement."""
+    model = create_model(name)
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    decayed = {n for n, p in model.named_parameters() if any(p is q for q in opt.param_groups[0]["params"])}
+    expected = {n for n, _ in model.named_parameters()
+                if n.endswith(("experts.w1", "experts.w2", "router.weight"))
+                or (n.endswith(".weight") and any(k in n for k in ("qkv", "proj", "fc1", "fc2", "head", "pre_logits")))}
+    assert decayed == expected
+    assert not any(n.endswith(("experts.b1", "experts.b2", "router.mu", "router.scale")) for n in decayed)
+    assert model.no_weight_decay() == {n for n, _ in model.named_parameters()} - decayed
 
 
 def test_schedules():

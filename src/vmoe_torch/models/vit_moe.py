@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import Attention, MapHead, Mlp, PatchEmbed, resample_pos_embed, sincos2d_pos_embed
+from ..layers.roles import no_weight_decay_names
 from ..moe import MoeMlp
 from ..moe.config import RoutingConfig
 from .config import LayerRouting, ModelConfig
@@ -283,6 +284,11 @@ class VisionTransformerMoe(nn.Module):
         if "auxiliary_loss" not in self.metrics:
             raise RuntimeError("No forward has run yet: call the model first.")
         return self.metrics["auxiliary_loss"]
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters not to weight-decay: all but the kernels
+        (`vmoe_torch.layers.roles`); timm's optimizer factory reads this."""
+        return no_weight_decay_names(self)
 
     # -------------------------------------------------------------- routing
     def moe_layers(self) -> dict[str, MoeMlp]:

@@ -13,7 +13,10 @@ class Experts(nn.Module):
     """Batched expert MLPs.
 
     Parameters: `w1 (E, D, H)`, `b1 (E, H)`, `w2 (E, H, D)`, `b2 (E, D)`.
+    The kernels (weight-decayed, see `vmoe_torch.layers.roles`) are w1, w2.
     """
+
+    kernel_params = ("w1", "w2")
 
     def __init__(self, num_experts: int, dim: int, mlp_dim: int,
                  dropout_rate: float = 0.0, gelu: str = "tanh") -> None:

@@ -90,6 +90,8 @@ class _GatingRouter(Router):
     logits are computed in float32 outside autocast (routing decisions, ties
     and orderings are fragile in bfloat16)."""
 
+    kernel_params = ("weight",)  # the gating matrix is a kernel (weight decay)
+
     def __init__(self, dim: int, num_experts: int, config: RoutingConfig) -> None:
         super().__init__(num_experts, config)
         self.weight = nn.Parameter(torch.empty(num_experts, dim))

@@ -8,23 +8,16 @@ import torch
 from torch import nn
 
 from ..config.schema import OptimConfig, ScheduleConfig
-
-# Parameters that are not "kernels" in the reference's sense ('.*/kernel'):
-# embeddings and tokens are never decayed, nor are biases and norm scales.
-_NO_DECAY = ("pos_embed", "cls_token", "map_head.probe")
-
-
-def is_kernel(name: str, param: torch.Tensor) -> bool:
-    """Dense/conv/expert/router kernels: matrices (or stacks of them)."""
-    return param.dim() >= 2 and name not in _NO_DECAY
+from ..layers.roles import kernel_parameter_names
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("No trainable parameters (is everything frozen?).")
-    decay = [p for n, p in params if is_kernel(n, p)]
-    no_decay = [p for n, p in params if not is_kernel(n, p)]
+    kernels = kernel_parameter_names(model)  # decay by role, never by name or shape
+    decay = [p for n, p in params if n in kernels]
+    no_decay = [p for n, p in params if n not in kernels]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.name == "adamw":
