@@ -72,6 +72,11 @@ def test_config_errors():
         _e3(k=3)
     with pytest.raises(ValueError, match="multiple of ensemble_size"):
         create_model("V-MoE-Mi/4, E=4, K=1, Every 2", ensemble_size=2, group_size=33)
+    from vmoe_torch.moe import MoeMlp
+    with pytest.raises(ValueError, match="multiple of ensemble_size"):  # the layer applies the same rule
+        MoeMlp(8, 16, 4, group_size=33, ensemble_size=2)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        MoeMlp(8, 16, 4, group_size=True)
     with pytest.raises(ValueError, match="top_experts"):
         create_model("V-MoE-Mi/4, E=4, K=1, Every 2", ensemble_size=2, router="expert_choice")
     with pytest.raises(ValueError, match="needs an E\\^3 model"):

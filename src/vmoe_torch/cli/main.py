@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -24,7 +25,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"vmoe {args.command}: error: {e}", file=sys.stderr)
+        # Under torchrun every rank meets the same bad input: one report, from rank 0.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"vmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -122,9 +122,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..convert.pretrained import load_model
     from ..data.pipeline import build_datasets, eval_batches
     from ..evaluate.classification import evaluate_at_capacity, format_grid, routing_grid
-    from ..train.trainer import load_model
     own = os.path.join(args.checkpoint, "config.yaml")
     if args.config is None and os.path.exists(own):  # a training work dir: evaluate on its own data
         args.config = own
@@ -148,9 +148,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
+    from ..convert.pretrained import load_model
     from ..data.pipeline import build_datasets, eval_batches
     from ..evaluate.fewshot import extract_features, fewshot_evaluate
-    from ..train.trainer import load_model
     cfg = _load(args)
     model = load_model(args.checkpoint)
     train, test = build_datasets(cfg.data)
@@ -168,8 +168,8 @@ def run_fewshot(args: argparse.Namespace) -> int:
 def run_analyze(args: argparse.Namespace) -> int:
     from ..analysis.report import analyze
     from ..config import load_config
+    from ..convert.pretrained import load_model
     from ..data.pipeline import build_datasets
-    from ..train.trainer import load_model
     if args.data.endswith((".yaml", ".yml")):
         cfg = load_config(args.data, args.overrides)
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -21,6 +22,7 @@ from ..models.config import ModelConfig
 from ..models.vit_moe import VisionTransformerMoe
 from ..utils.io import atomic_directory, looks_like_pickle
 from ..utils.typed_config import from_dict, to_dict
+from ..utils.workdir import is_workdir, list_checkpoints
 from .model_card import model_card
 
 FORMAT, FORMAT_VERSION = "vmoe-torch", 1
@@ -130,3 +132,24 @@ def from_pretrained(path: str, map_location: str = "cpu", **routing: Any) -> Vis
     if routing:
         model.set_routing(**routing)
     return model
+
+
+def load_model(path: str) -> VisionTransformerMoe:
+    """A model from a training work dir (its newest readable checkpoint;
+    unreadable newer ones are skipped with a warning, as on resume) or from a
+    `from_pretrained` directory."""
+    if is_workdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"Work dir {path!r} holds no checkpoint yet.")
+        errors = []
+        for _, ckpt in reversed(found):
+            try:
+                return from_pretrained(ckpt)
+            except (ValueError, OSError) as e:
+                errors.append(f"{ckpt!r}: {e}")
+                warnings.warn(f"Skipping unreadable checkpoint {ckpt!r}: {e}")
+        raise ValueError(f"No readable checkpoint in {path!r}: " + "; ".join(errors))
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return from_pretrained(path)
+    raise FileNotFoundError(f"{path!r} is neither a training work dir nor a from_pretrained directory.")

@@ -42,9 +42,7 @@ class ShardedExperts(nn.Module):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        if full.num_experts % self.world:
-            raise ValueError(f"Expert parallelism needs the world size ({self.world}) to divide the "
-                             f"number of experts ({full.num_experts}).")
+        _check_divides(full.num_experts, self.world)
         self.num_experts = full.num_experts
         self.local_experts = full.num_experts // self.world
         lo = self.rank * self.local_experts
@@ -71,6 +69,20 @@ class ShardedExperts(nn.Module):
         back = torch.cat([t.reshape(el * c, dim) for t, c in zip(y.split(counts, dim=1), counts)])
         out = all_to_all(back, recv_rows, [rows] * w, group=self.group)
         return out.reshape(experts, n, dim)
+
+
+def _check_divides(num_experts: int, world: int) -> None:
+    if num_experts % world:
+        valid = [w for w in range(1, num_experts + 1) if num_experts % w == 0]
+        raise ValueError(f"Expert parallelism needs the world size ({world}) to divide the number of "
+                         f"experts ({num_experts}); valid world sizes: {valid}. Or run data parallel "
+                         "(without --expert-parallel).")
+
+
+def check_expert_parallel(model: nn.Module, world: int) -> None:
+    """Raises before any work when `world` ranks cannot shard the experts."""
+    for layer in _moe_layers(model):
+        _check_divides(layer.num_experts, world)
 
 
 def expert_parallel(model: nn.Module, group=None) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from ..moe.config import RoutingConfig
+from ..moe.config import RoutingConfig, check_group_size
 
 Classifier = Literal["token", "gap", "map"]
 PositionEmb = Literal["learned", "sincos2d", "none"]
@@ -62,8 +62,6 @@ class MoeConfig:
                              f"(valid: 0..{num_layers - 1}).")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}.")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1 token, got {self.group_size}.")
         if self.dropout_rate is not None and not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"moe.dropout_rate must be in [0, 1), got {self.dropout_rate}.")
         stray = sorted({e.layer for e in self.layer_routing} - set(self.layers))
@@ -74,6 +72,7 @@ class MoeConfig:
         if m < 1 or self.num_experts % m:
             raise ValueError(f"ensemble_size must be >= 1 and divide num_experts="
                              f"{self.num_experts}, got {m}.")
+        check_group_size(self.group_size, m)
         for routing in [self.routing] + [e.routing for e in self.layer_routing]:
             routing.validate(self.num_experts)
             if routing.router == "soft" and routing.num_slots is None and self.group_size is None:
@@ -87,9 +86,6 @@ class MoeConfig:
                     raise ValueError(
                         f"K={routing.num_selected_experts} exceeds the {self.num_experts // m} "
                         f"experts of each of the {m} ensemble members.")
-        if m > 1 and self.group_size is not None and self.group_size % m:
-            raise ValueError(f"group_size={self.group_size} must be a multiple of "
-                             f"ensemble_size={m} (members alternate inside every group).")
 
 
 @dataclass(frozen=True)

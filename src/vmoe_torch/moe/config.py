@@ -163,6 +163,19 @@ class RoutingConfig:
                 raise ValueError(f"num_slots must be >= 1, got {self.num_slots}.")
 
 
+def check_group_size(group_size: Optional[int], ensemble_size: int = 1) -> None:
+    """The one check of a routing group size (tokens per group; None: the
+    whole batch is one group). With an E^3 ensemble of M members, the
+    members alternate inside every group, so M must divide it."""
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an integer >= 1 token (or None), got {group_size!r}.")
+    if ensemble_size > 1 and group_size % ensemble_size:
+        raise ValueError(f"group_size={group_size} must be a multiple of ensemble_size={ensemble_size} "
+                         "(members alternate inside every group).")
+
+
 def _check_type(name: str, value: Any, tp: type) -> None:
     ok = isinstance(value, tp) and not isinstance(value, bool) if tp is not bool else isinstance(value, bool)
     if tp is float:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.seeds import derive_seed
-from .config import RoutingConfig
+from .config import RoutingConfig, check_group_size
 from .experts import Experts
 from .routers import DISPATCH_IMPLS, Router, SoftRouter, TopExpertsRouter, _GatingRouter, build_router
 
@@ -33,9 +33,7 @@ def split_into_groups(num_tokens: int, group_size: Optional[int]) -> list[tuple[
     """
     if num_tokens < 1:
         raise ValueError("An MoE layer needs at least one token.")
-    size = num_tokens if group_size is None else group_size
-    if size < 1:
-        raise ValueError(f"group_size must be >= 1 token, got {group_size}.")
+    size = num_tokens if group_size is None else group_size  # checked by check_group_size
     full, rest = divmod(num_tokens, size)
     runs = []
     if full:
@@ -74,8 +72,7 @@ class MoeMlp(nn.Module):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
-        if group_size is not None and group_size < 1:
-            raise ValueError(f"group_size must be >= 1 token, got {group_size}.")
+        check_group_size(group_size, ensemble_size)
         config = (routing or RoutingConfig()).updated(**routing_changes)
         self.dim, self.num_experts, self.group_size = dim, num_experts, group_size
         self.ensemble_size = ensemble_size

@@ -182,8 +182,6 @@ class TopExpertsRouter(_GatingRouter):
         r = self.config
         groups, size, _ = x.shape
         m = self.ensemble_size
-        if size % m:
-            raise ValueError(f"group_size={size} must be a multiple of ensemble_size={m}.")
         logits = self.logits(x)                                              # (G, S, E)
         if m > 1:
             logits = self._member_logits(logits)                             # (G*M, S/M, E/M)

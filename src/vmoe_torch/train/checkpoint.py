@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -22,26 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..utils.io import atomic_directory
+from ..utils.workdir import checkpoint_dir, latest_checkpoint, list_checkpoints
 
-_NAME = re.compile(r"^step_(\d{8})$")
-
-
-def list_checkpoints(workdir: str) -> list[tuple[int, str]]:
-    root = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for d in os.listdir(root):
-        m = _NAME.match(d)
-        if m and os.path.exists(os.path.join(root, d, "state.json")):
-            found.append((int(m.group(1)), os.path.join(root, d)))
-    return sorted(found)
-
-
-def latest_checkpoint(workdir: str) -> Optional[str]:
-    found = list_checkpoints(workdir)
-    return found[-1][1] if found else None
-
+__all__ = ["CorruptCheckpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+           "load_latest_valid", "save_checkpoint"]
 
 def _optimizer_to_flat(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
@@ -75,8 +58,7 @@ def save_checkpoint(workdir: str, step: int, model_state: dict[str, torch.Tensor
                     optimizer_state: dict[str, Any], extra: dict[str, Any], keep: int = 2) -> str:
     """Writes checkpoint `step` atomically and prunes old ones; returns its path.
     `model_state`/`optimizer_state` are full (unsharded) state dicts."""
-    root = Path(workdir) / "checkpoints"
-    final = root / f"step_{step:08d}"
+    final = Path(checkpoint_dir(workdir, step))
     with atomic_directory(str(final), overwrite=True) as tmp_dir:
         tmp = Path(tmp_dir)
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()},

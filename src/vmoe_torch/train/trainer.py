@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 import yaml
 
 from ..config.schema import ExperimentConfig, config_to_dict
-from ..convert.pretrained import save_pretrained
+from ..convert.pretrained import load_model, load_state_strict, save_pretrained
 from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model_range
 from ..distributed.expert_parallel import (
+    check_expert_parallel,
     clip_grad_norm_distributed,
     data_parallel,
     expert_parallel,
@@ -36,11 +38,14 @@ from ..models.vit_moe import VisionTransformerMoe
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.seeds import derive_seed
 from ..utils.typed_config import to_dict
-from .checkpoint import latest_checkpoint, load_latest_valid, save_checkpoint
+from ..utils.workdir import check_writable, latest_checkpoint, list_checkpoints
+from .checkpoint import load_latest_valid, save_checkpoint
 from .logger import MetricsLogger
 from .losses import LOSSES
 from .optim import build_optimizer, clip_grad_norm, learning_rate
 from .workdir_lock import WorkdirLock, remove_orphan_temporaries
+
+__all__ = ["Trainer", "build_model", "load_model", "run_identity", "step_seed"]
 
 # Config parts that define a run; changing any of them in a work dir that
 # holds a checkpoint needs --force. (train.steps may grow: that extends a run.)
@@ -66,19 +71,6 @@ def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     ident = {k: d[k] for k in _IDENTITY}
     ident["train"] = {k: d["train"][k] for k in _IDENTITY_TRAIN}
     return ident
-
-
-def load_model(path: str) -> VisionTransformerMoe:
-    """A training work dir (its latest checkpoint) or a from_pretrained dir."""
-    from ..convert.pretrained import from_pretrained
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"Work dir {path!r} holds no checkpoint yet.")
-        return from_pretrained(ckpt)
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return from_pretrained(path)
-    raise FileNotFoundError(f"{path!r} is neither a training work dir nor a from_pretrained directory.")
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int) -> VisionTransformerMoe:
@@ -120,8 +112,11 @@ class Trainer:
         if cfg.data.batch_size % (self.world * cfg.train.grad_accum):
             raise ValueError(f"data.batch_size={cfg.data.batch_size} must be a multiple of world size "
                              f"{self.world} x train.grad_accum {cfg.train.grad_accum}.")
+        check_writable(workdir)
         self.train_ds, self.test_ds = build_datasets(cfg.data)
         self.model = build_model(cfg, self.train_ds.num_classes).to(self.device)
+        if self.expert_parallel:
+            check_expert_parallel(self.model, self.world)
         self._check_image_size()
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.loss_fn = LOSSES[cfg.train.loss]
@@ -139,47 +134,75 @@ class Trainer:
             self.model.train()
 
     # ------------------------------------------------------------ workdir
-    def _prepare_workdir(self) -> tuple[int, Optional[dict[str, Any]]]:
-        """Checks the work dir; returns (start step, full optimizer state or None)
-        after loading the latest checkpoint's weights into the unsharded model."""
-        os.makedirs(self.workdir, exist_ok=True)
+    def _read_identity(self) -> tuple[Optional[str], bool]:
+        """(latest checkpoint or None, whether --force must start over).
+        Refuses a work dir that holds a checkpoint of another config. Reads
+        only: nothing in the work dir changes until `_commit_workdir`."""
         ident_path = os.path.join(self.workdir, "run_identity.json")
-        ident = run_identity(self.cfg)
         ckpt = latest_checkpoint(self.workdir)
-        if ckpt is not None and os.path.exists(ident_path):
+        if ckpt is None or not os.path.exists(ident_path):
+            return ckpt, False
+        try:
             with open(ident_path) as f:
                 old = json.load(f)
-            if old != ident and not self.force:
-                diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-                raise ValueError(f"Work dir {self.workdir!r} holds a checkpoint of a different config "
-                                 f"(sections {diff} differ). Use another --workdir, or --force to "
-                                 "start over in this one.")
-        if ckpt is not None and self.force and os.path.exists(ident_path):
-            with open(ident_path) as f:
-                stale = json.load(f) != ident
-            self._barrier()
-            if stale:
-                if self.rank == 0:
-                    import shutil
-                    shutil.rmtree(os.path.join(self.workdir, "checkpoints"))
-                    if os.path.exists(os.path.join(self.workdir, "metrics.jsonl")):
-                        os.unlink(os.path.join(self.workdir, "metrics.jsonl"))
-                ckpt = None
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"Cannot read {ident_path!r} ({e}); restore it, or use --force to start "
+                             "over in this work dir.") from e
+        ident = run_identity(self.cfg)
+        if old == ident:
+            return ckpt, False
+        diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+        if not self.force:
+            raise ValueError(f"Work dir {self.workdir!r} holds a checkpoint of a different config "
+                             f"(sections {diff} differ). Use another --workdir, or --force to "
+                             "start over in this one (its checkpoints are then deleted).")
+        warnings.warn(f"--force: {self.workdir!r} holds checkpoints of a different config (sections {diff} "
+                      "differ); they and metrics.jsonl will be deleted once this run has started.")
+        return None, True
+
+    def _setup(self) -> int:
+        """Everything that can fail runs before the work dir is touched:
+        reading the checkpoint to resume from, sharding, the optimizer. Only
+        then is the run committed to the work dir (`_commit_workdir`).
+        Returns the first step to run."""
+        ckpt, restart = self._read_identity()
+        start, opt_state = 0, None
+        if ckpt is not None:
+            found = load_latest_valid(self.workdir)  # falls back past unreadable newer checkpoints
+            if found is not None:
+                _, model_state, opt_state, state = found
+                load_state_strict(self.model, model_state)
+                start = int(state["step"])
+        if self.expert_parallel:
+            expert_parallel(self.model)
+        elif self.world > 1:
+            data_parallel(self.model)
+        self._warn_split_groups()
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        if opt_state is not None:
+            self.optimizer.load_state_dict(shard_optimizer_state(opt_state, self.optimizer, self.model)
+                                           if self.expert_parallel else opt_state)
+        self._commit_workdir(restart)
+        return start
+
+    def _commit_workdir(self, restart: bool) -> None:
+        """Writes the run identity and config.yaml (after a successful set-up
+        only, so that a failed start never changes what the work dir accepts);
+        with --force over another config, first deletes its checkpoints."""
         self._barrier()  # every rank has read the old identity before rank 0 rewrites it
         if self.rank == 0:
-            atomic_write_json(ident_path, ident)
+            if restart:
+                steps = [s for s, _ in list_checkpoints(self.workdir)]
+                shutil.rmtree(os.path.join(self.workdir, "checkpoints"))
+                metrics = os.path.join(self.workdir, "metrics.jsonl")
+                if os.path.exists(metrics):
+                    os.unlink(metrics)
+                warnings.warn(f"--force: deleted the previous config's checkpoints (steps {steps}) and "
+                              f"metrics.jsonl from {self.workdir!r}.")
+            atomic_write_json(os.path.join(self.workdir, "run_identity.json"), run_identity(self.cfg))
             atomic_write_text(os.path.join(self.workdir, "config.yaml"),
                               yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         self._barrier()
-        if ckpt is None:
-            return 0, None
-        from ..convert.pretrained import load_state_strict
-        found = load_latest_valid(self.workdir)  # falls back past unreadable newer checkpoints
-        if found is None:
-            return 0, None
-        _, model_state, optimizer_state, state = found
-        load_state_strict(self.model, model_state)
-        return int(state["step"]), optimizer_state
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -240,17 +263,14 @@ class Trainer:
             lock.release()
 
     def _fit(self) -> dict[str, Any]:
+        start = self._setup()
+        step, status = self._loop(start)
+        return self._finish(start, step, status)
+
+    def _loop(self, start: int) -> tuple[int, str]:
+        """Steps start..train.steps-1 with logging, evaluation, checkpoints and
+        signal handling; returns (last step run, status)."""
         cfg = self.cfg
-        start, opt_state = self._prepare_workdir()
-        if self.expert_parallel:
-            expert_parallel(self.model)
-        elif self.world > 1:
-            data_parallel(self.model)
-        self._warn_split_groups()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        if opt_state is not None:
-            self.optimizer.load_state_dict(shard_optimizer_state(opt_state, self.optimizer, self.model)
-                                           if self.expert_parallel else opt_state)
         total = cfg.train.steps
         lead = self.rank == 0
         logger = MetricsLogger(self.workdir, resume_step=start) if lead else None
@@ -309,22 +329,28 @@ class Trainer:
                 bar.close()
             if logger is not None:
                 logger.close()
+        return step, status
+
+    def _finish(self, start: int, step: int, status: str) -> dict[str, Any]:
+        """The summary; after a completed run, the final evaluation (eval.json)
+        and the exported model (final/)."""
+        total = self.cfg.train.steps
         summary: dict[str, Any] = {"status": status, "steps": step + 1 if start < total else total}
         if self._stop_signal is not None:
             summary["signal"] = int(self._stop_signal)
-        if status == "completed":
-            if self.expert_parallel:  # evaluate and export an unsharded copy on rank 0
-                state = self.full_state()
-                if lead:
-                    full = VisionTransformerMoe(self.model.config).to(self.device)
-                    full.load_state_dict(state)
-                    self.model = full
-            if lead:
-                final = self.evaluate()
-                summary["eval"] = final
-                atomic_write_json(os.path.join(self.workdir, "eval.json"), final)
-                save_pretrained(self.model, os.path.join(self.workdir, "final"), overwrite=True)
-            self._barrier()
+            return summary
+        if self.expert_parallel:  # evaluate and export an unsharded copy on rank 0
+            state = self.full_state()
+            if self.rank == 0:
+                full = VisionTransformerMoe(self.model.config).to(self.device)
+                full.load_state_dict(state)
+                self.model = full
+        if self.rank == 0:
+            final = self.evaluate()
+            summary["eval"] = final
+            atomic_write_json(os.path.join(self.workdir, "eval.json"), final)
+            save_pretrained(self.model, os.path.join(self.workdir, "final"), overwrite=True)
+        self._barrier()
         return summary
 
     def _train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor, mixup,

@@ -1,0 +1,63 @@
+"""The layout of a training work dir, shared by the trainer (which writes
+it) and the loaders (which read models from it).
+
+    WORKDIR/run_identity.json, config.yaml, metrics.jsonl, eval.json, final/
+    WORKDIR/checkpoints/step_00000123/{model.safetensors, optimizer.safetensors,
+                                       state.json, config.json}
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from typing import Optional
+
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_dir(workdir: str, step: int) -> str:
+    return os.path.join(workdir, "checkpoints", f"step_{step:08d}")
+
+
+def is_workdir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def list_checkpoints(workdir: str) -> list[tuple[int, str]]:
+    """[(step, path)] of the complete checkpoints (those with a state.json), oldest first."""
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for d in os.listdir(root):
+        m = _NAME.match(d)
+        if m and os.path.exists(os.path.join(root, d, "state.json")):
+            found.append((int(m.group(1)), os.path.join(root, d)))
+    return sorted(found)
+
+
+def latest_checkpoint(workdir: str) -> Optional[str]:
+    found = list_checkpoints(workdir)
+    return found[-1][1] if found else None
+
+
+def check_writable(workdir: str) -> None:
+    """Fails before any work starts when `workdir` cannot be written: an
+    existing one must take a new file, else its nearest existing parent must
+    be a writable directory (nothing is created here)."""
+    path = os.path.abspath(workdir)
+    try:
+        if os.path.isdir(path):
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+                return
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise NotADirectoryError(20, "not a directory", parent)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied", parent)
+    except OSError as e:
+        raise ValueError(f"Work dir {workdir!r} is not writable ({type(e).__name__}: {e.strerror or e}"
+                         f"{': ' + repr(e.filename) if e.filename else ''}). Choose another --workdir, or "
+                         "fix its permissions / free space.") from e
