@@ -97,10 +97,14 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ..distributed.runtime import shutdown
     from ..train.trainer import Trainer
     extra = ["train.expert_parallel=true"] if args.expert_parallel else []
-    trainer = Trainer(_load(args, extra), args.workdir, force=args.force)
-    summary = trainer.fit()
+    try:
+        trainer = Trainer(_load(args, extra), args.workdir, force=args.force)
+        summary = trainer.fit()
+    finally:
+        shutdown()
     if trainer.rank == 0:
         print(json.dumps(summary, indent=2))
     return exit_code(summary)
@@ -114,10 +118,16 @@ def exit_code(summary: dict) -> int:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from ..distributed.runtime import shutdown
     from ..train.trainer import Trainer
     cfg = _load(args, [f"finetune.init={args.init}"])
-    summary = Trainer(cfg, args.workdir, force=args.force).fit()
-    print(json.dumps(summary, indent=2))
+    try:
+        trainer = Trainer(cfg, args.workdir, force=args.force)
+        summary = trainer.fit()
+    finally:
+        shutdown()
+    if trainer.rank == 0:
+        print(json.dumps(summary, indent=2))
     return exit_code(summary)
 
 

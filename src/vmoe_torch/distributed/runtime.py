@@ -33,6 +33,15 @@ def init_from_env(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown() -> None:
+    """Destroys the default process group, if any. A process that exits with
+    a live gloo group can abort at interpreter shutdown ("terminate called
+    without an active exception": the group's threads are still joinable when
+    they are destroyed), so every torchrun entry point ends with this."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def expert_param_indices(opt: torch.optim.Optimizer, model: nn.Module) -> set[int]:
     """Indices (in the optimizer's state_dict numbering: param groups in
     order) of the sharded expert parameters."""
