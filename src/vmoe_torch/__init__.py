@@ -4,6 +4,19 @@ from .moe import MoeMlp, RoutingConfig
 
 __version__ = "0.1.0"
 
+
+def _register_with_timm() -> None:
+    """Our architectures join timm's registry when timm is installed
+    (`timm.create_model("vmoe_s32_last2_e8_k2", ...)`)."""
+    import importlib.util
+    if importlib.util.find_spec("timm") is None:
+        return
+    from .integrations.timm import register
+    register()
+
+
+_register_with_timm()
+
 __all__ = ["ModelConfig", "MoeConfig", "VisionTransformerMoe", "create_model", "list_models",
            "MoeMlp", "RoutingConfig", "from_pretrained", "upcycle"]
 

@@ -118,3 +118,10 @@ def test_fuzzed_configs_load_or_raise_a_clear_config_error(changes):
         assert str(e)
         return
     assert cfg.train.steps >= 1 and cfg.data.batch_size >= 1
+
+
+def test_zero_grad_accum_is_a_config_error_not_a_division_by_zero():
+    from vmoe_torch.config import load_config
+    from vmoe_torch.config.schema import ConfigError
+    with pytest.raises(ConfigError, match="grad_accum must be >= 1"):
+        load_config(None, ["train.grad_accum=0"])

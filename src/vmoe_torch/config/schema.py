@@ -172,7 +172,7 @@ def validate(cfg: ExperimentConfig) -> None:
     checks = [
         (cfg.train.steps >= 1, f"train.steps must be >= 1, got {cfg.train.steps}."),
         (cfg.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {cfg.train.grad_accum}."),
-        (cfg.data.batch_size >= 1 and cfg.data.batch_size % cfg.train.grad_accum == 0,
+        (cfg.data.batch_size >= 1 and cfg.data.batch_size % max(cfg.train.grad_accum, 1) == 0,
          f"data.batch_size={cfg.data.batch_size} must be a positive multiple of "
          f"train.grad_accum={cfg.train.grad_accum}."),
         (cfg.data.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {cfg.data.eval_batch_size}."),

@@ -27,8 +27,9 @@ from .model_card import model_card
 
 FORMAT, FORMAT_VERSION = "vmoe-torch", 1
 FINGERPRINT_KEY = "vmoe_architecture_sha256"
-# Settings one may change in config.json without touching the weights.
-_RUNTIME = {"check_finite"}
+# Settings one may change in config.json without touching the weights
+# (run-time and training-only choices).
+_RUNTIME = {"check_finite", "drop_path_rate", "dynamic_img_size"}
 _RUNTIME_MOE = {"routing", "layer_routing", "group_size"}
 
 

@@ -115,6 +115,10 @@ class ModelConfig:
         timm, torchvision and Hugging Face ViTs), in the MLPs and experts.
       norm_after_pool: with classifier "gap", apply the encoder LayerNorm to
         the pooled vector instead of to every token (timm's `fc_norm`).
+      drop_path_rate: stochastic depth, rising linearly over the blocks to
+        this rate on each residual branch (training only; timm's rule).
+      dynamic_img_size: accept any image size that is a multiple of the
+        patch, resampling the learned position embedding on the fly.
     """
 
     num_classes: int = 1000
@@ -138,6 +142,8 @@ class ModelConfig:
     layer_norm_eps: float = 1e-6
     gelu: Literal["tanh", "erf"] = "tanh"
     norm_after_pool: bool = False
+    drop_path_rate: float = 0.0
+    dynamic_img_size: bool = False
 
     def validate(self) -> None:
         """Raises ValueError naming any inconsistent setting."""
@@ -161,6 +167,8 @@ class ModelConfig:
             raise ValueError("norm_after_pool applies to classifier='gap' only.")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}.")
         if self.moe is not None:

@@ -147,6 +147,11 @@ def resolve_config(name: str, **overrides: Any) -> ModelConfig:
     else:
         raise ValueError(f"Unknown model {name!r}. Known presets: {list_models()}, or a paper "
                          "description such as 'ViT-S/32, E=8, K=2, Last 2'.")
+    return override_config(cfg, name, **overrides)
+
+
+def override_config(cfg: ModelConfig, name: str = "this model", **overrides: Any) -> ModelConfig:
+    """`cfg` with overrides applied by `resolve_config`'s rules (validated)."""
     model_kw, moe_kw, routing_kw = _split_overrides(overrides)
     for key in ("image_size", "patch_size"):
         if key in model_kw:

@@ -10,18 +10,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Iterator, Mapping, Optional, cast
+from typing import Any, Iterator, Mapping, Optional, Sequence, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
 
 from ..layers import Attention, MapHead, Mlp, PatchEmbed, resample_pos_embed, sincos2d_pos_embed
 from ..layers.roles import no_weight_decay_names
 from ..moe import MoeMlp
 from ..moe.config import RoutingConfig
 from .config import LayerRouting, ModelConfig
+from .timm_contract import TimmContract, default_pretrained_cfg
 
 Metrics = dict[str, Tensor]
+
+
+# timm's pooling names -> ModelConfig.classifier.
+_POOLS = {"token": "token", "avg": "gap", "gap": "gap", "map": "map"}
+
+
+def _block_with_metrics(block: "Block", x: Tensor, noise: Optional[Tensor]) -> tuple[Tensor, Optional[Metrics]]:
+    """A block's output and its MoE metrics, returned together so that
+    gradient checkpointing keeps the auxiliary loss in the graph."""
+    y = block(x, noise)
+    return y, block.metrics if block.is_moe else None
 
 
 class Block(nn.Module):
@@ -30,6 +44,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         d, eps = cfg.hidden_size, cfg.layer_norm_eps
+        # Stochastic depth on both residual branches, rising linearly with depth.
+        rate = cfg.drop_path_rate * index / max(cfg.num_layers - 1, 1)
+        self.drop_path: nn.Module = StochasticDepth(rate, "row") if rate > 0 else nn.Identity()
         self.norm1 = nn.LayerNorm(d, eps=eps)
         self.attn = Attention(d, cfg.num_heads, cfg.attention_dropout_rate, cfg.qk_norm)
         self.drop = nn.Dropout(cfg.dropout_rate)
@@ -48,14 +65,14 @@ class Block(nn.Module):
     def forward(self, x: Tensor, noise: Optional[Tensor] = None) -> Tensor:
         """(B, N, D) -> (B, N, D); an MoE block leaves its layer's metrics in
         `self.metrics` (so that hooks and wrappers only ever see tensors)."""
-        x = x + self.drop(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.drop(self.attn(self.norm1(x))))
         if self.is_moe:
             y, self.metrics = self.mlp(self.norm2(x), noise=noise)
-            return x + y
-        return x + self.mlp(self.norm2(x))
+            return x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VisionTransformerMoe(nn.Module):
+class VisionTransformerMoe(TimmContract, nn.Module):
     """Vision Transformer with sparse MoE layers (arXiv 2106.05974).
 
     `model(images)` takes (B, C, H, W) float images and returns logits
@@ -87,6 +104,8 @@ class VisionTransformerMoe(nn.Module):
         # The MoE metrics of the last forward (a declared channel: forward
         # returns tensors only unless return_metrics=True).
         self.metrics: Metrics = {}
+        self.grad_checkpointing = False
+        self.pretrained_cfg = default_pretrained_cfg(config)
         d = config.hidden_size
         self.patch_embed = PatchEmbed(config.patch_size, d, config.in_chans)
         self.num_prefix_tokens = 1 if config.classifier == "token" else 0
@@ -150,20 +169,38 @@ class VisionTransformerMoe(nn.Module):
             lecun_normal_(self.head.weight, self.num_features)
         nn.init.constant_(self.head.bias, bias_init)
 
-    def reset_classifier(self, num_classes: int, head_bias_init: float = 0.0,
-                         keep_representation: bool = True) -> None:
-        """New zero-initialised head (fine-tuning); optionally drops the
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, *,
+                         head_bias_init: float = 0.0, keep_representation: bool = True) -> None:
+        """New zero-initialised head with `num_classes` outputs (0: none), as
+        timm's `reset_classifier(num_classes, global_pool=None)`.
+
+        `global_pool` (None, or the model's own pooling: "token", "avg" /
+        "gap", "map") is accepted for timm's signature; the pooling itself is
+        fixed by the parameters (class token, MAP head). `keep_representation=False` drops the
         representation (pre-logits) layer."""
+        if global_pool is not None:
+            self._set_pool(global_pool)
         if not keep_representation and self.pre_logits is not None:
             self.pre_logits = None
             self.num_features = self._config.hidden_size
         self._config = dataclasses.replace(
             self._config, num_classes=num_classes, head_bias_init=head_bias_init,
             representation_size=self._config.representation_size if self.pre_logits is not None else None)
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
         device = next(self.parameters()).device
         self._build_head(num_classes, head_bias_init)
         if self.head is not None:
             self.head.to(device)
+
+    def _set_pool(self, global_pool: str) -> None:
+        kind = _POOLS.get(global_pool)
+        if kind is None:
+            raise ValueError(f"global_pool={global_pool!r} is not supported: use one of "
+                             f"{sorted(_POOLS)}, or None to keep the current pooling.")
+        if kind != self._config.classifier:
+            raise ValueError(f"This model pools with {self._config.classifier!r}; its parameters (class "
+                             "token, MAP head) fix the pooling. Build the model with the pooling you "
+                             f"need (create_model(..., global_pool={global_pool!r})).")
 
     # ------------------------------------------------------- position embed
     def resize_pos_embed(self, image_size: tuple[int, int]) -> None:
@@ -215,25 +252,35 @@ class VisionTransformerMoe(nn.Module):
             raise ValueError("Input images contain NaN or Inf values.")
         return self.patch_embed.grid(images.shape[2], images.shape[3])
 
-    def forward_features(self, images: Tensor, router_noise: Optional[Mapping[str, Tensor]] = None,
-                         interpolate_pos_embed: bool = False) -> Tensor:
-        """(B, C, H, W) -> encoded tokens (B, N, D) after the encoder norm (before
-        it with `norm_after_pool`). The MoE metrics of this forward, the
-        auxiliary loss included, are left in `self.metrics`."""
+    def _embed(self, images: Tensor, interpolate_pos_embed: bool) -> Tensor:
+        """(B, C, H, W) -> tokens (B, N, D) with the position embedding."""
         grid = self._check_images(images)
         x = self.patch_embed(images)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = self.pos_drop(self._add_pos_embed(x, grid, interpolate_pos_embed))
+        interpolate = interpolate_pos_embed or self._config.dynamic_img_size
+        return self.pos_drop(self._add_pos_embed(x, grid, interpolate))
+
+    def _run_blocks(self, x: Tensor, router_noise: Optional[Mapping[str, Tensor]] = None,
+                    take: Sequence[int] = (), last: Optional[int] = None) -> tuple[Tensor, list[Tensor]]:
+        """Runs blocks 0..`last` (all by default) and returns (tokens, the
+        outputs of the blocks in `take`); leaves the MoE metrics, the
+        auxiliary loss included, in `self.metrics`."""
         metrics: Metrics = {}
+        taken: list[Tensor] = []
         aux = x.new_zeros((), dtype=torch.float32)
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self._blocks()):
+            if last is not None and i > last:
+                break
             if i == self.first_moe_block and self.ensemble_size > 1:
                 x = x.repeat_interleave(self.ensemble_size, dim=0)
             name = f"encoderblock_{i}"
             noise = router_noise.get(name) if router_noise else None
-            x = block(x, noise)
-            m = block.metrics if block.is_moe else None
+            if checkpointing:
+                x, m = checkpoint(_block_with_metrics, block, x, noise, use_reentrant=False)
+            else:
+                x, m = _block_with_metrics(block, x, noise)
             if m is not None:
                 for key, value in m.items():
                     if key == "auxiliary_loss":
@@ -241,8 +288,18 @@ class VisionTransformerMoe(nn.Module):
                     out_key = "auxiliary_loss" if key == "auxiliary_loss_per_group" else key
                     metrics[f"{name}/{out_key}"] = value
                 aux = aux + m["auxiliary_loss"]
+            if i in take:
+                taken.append(x)
         metrics["auxiliary_loss"] = aux
         self.metrics = metrics
+        return x, taken
+
+    def forward_features(self, images: Tensor, router_noise: Optional[Mapping[str, Tensor]] = None,
+                         interpolate_pos_embed: bool = False) -> Tensor:
+        """(B, C, H, W) -> encoded tokens (B, N, D) after the encoder norm (before
+        it with `norm_after_pool`). The MoE metrics of this forward, the
+        auxiliary loss included, are left in `self.metrics`."""
+        x, _ = self._run_blocks(self._embed(images, interpolate_pos_embed), router_noise)
         if self._config.norm_after_pool:
             return x  # the norm is applied to the pooled vector (`pool`)
         return self.norm(x)

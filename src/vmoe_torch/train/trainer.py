@@ -84,7 +84,8 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> VisionTransformerMoe
         model.resize_pos_embed((size, size))
     if cfg.finetune.new_head:
         head_bias = cfg.model.overrides.get("head_bias_init", 0.0)
-        model.reset_classifier(num_classes, head_bias, cfg.finetune.keep_representation)
+        model.reset_classifier(num_classes, head_bias_init=head_bias,
+                               keep_representation=cfg.finetune.keep_representation)
     elif model.config.num_classes != num_classes:
         raise ValueError(f"The initial model has {model.config.num_classes} classes, the data "
                          f"{num_classes}; set finetune.new_head=true.")

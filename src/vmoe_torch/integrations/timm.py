@@ -1,0 +1,132 @@
+"""Registers every vmoe-torch architecture in timm's model registry.
+
+`import vmoe_torch` calls `register()` when timm is installed; then
+`timm.create_model("vmoe_s32_last2_e8_k2", num_classes=10, img_size=64,
+drop_path_rate=0.1, features_only=True, ...)` builds our models with timm's
+keyword arguments. Names (see `timm_names()`):
+
+- presets: `vmoe_<size><patch>_<placement>_e<E>_k<K>` (V-MoE),
+  `vmoe_eee_<...>_m<M>` (E^3), `vmoe_soft_<...>` (Soft MoE),
+  `vmoe_dense_<size><patch>` (the dense twins);
+- released checkpoints: their registry names (`vmoe_b16_imagenet21k_randaug_strong`,
+  `eee_s32_last2_ilsvrc2012`, ...), with the checkpoint's classes and resolution.
+
+`pretrained=True` loads local files only: pass
+`pretrained_cfg_overlay={"file": PATH}` where PATH is a converted /
+`save_pretrained` directory or its `model.safetensors`. Nothing is fetched.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from ..models.config import ModelConfig
+from ..models.registry import PRESETS, override_config
+from ..models.timm_contract import default_pretrained_cfg
+from ..models.vit_moe import VisionTransformerMoe
+
+# timm keyword -> our config field.
+_TIMM_KWARGS = {"img_size": "image_size", "drop_rate": "dropout_rate", "attn_drop_rate": "attention_dropout_rate",
+                "drop_path_rate": "drop_path_rate", "dynamic_img_size": "dynamic_img_size",
+                "num_classes": "num_classes", "in_chans": "in_chans", "global_pool": "classifier"}
+_POOLS = {"token": "token", "avg": "gap", "gap": "gap", "map": "map"}
+_registered: dict[str, Callable[[], ModelConfig]] = {}
+
+
+def _preset_name(preset: str, cfg: ModelConfig) -> str:
+    if cfg.moe is None:
+        return "vmoe_dense_" + preset.removeprefix("vit_")
+    if cfg.moe.routing.router == "soft":
+        return "vmoe_" + preset.replace("soft_moe_", "soft_")
+    e, k = cfg.moe.num_experts, cfg.moe.routing.num_selected_experts
+    if cfg.moe.ensemble_size > 1:
+        return f"vmoe_{preset}_e{e}_k{k}_m{cfg.moe.ensemble_size}"
+    return f"{preset}_e{e}_k{k}"
+
+
+def _released() -> dict[str, Callable[[], ModelConfig]]:
+    from ..convert.reference_config import config_from_reference
+    from ..convert.released import RELEASED, released_config
+    def builder(name: str) -> Callable[[], ModelConfig]:
+        return lambda: config_from_reference(released_config(name))
+    return {name: builder(name) for name, entry in RELEASED.items() if entry.supported}
+
+
+def timm_names() -> dict[str, str]:
+    """{timm name: our preset or released-checkpoint name}."""
+    names = {_preset_name(p, build()): p for p, build in PRESETS.items()}
+    names.update({n: n for n in _released()})
+    return dict(sorted(names.items()))
+
+
+def _config_for(base: ModelConfig, kwargs: dict[str, Any]) -> ModelConfig:
+    overrides: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "global_pool":
+            if value is None:
+                continue
+            if value not in _POOLS:
+                raise ValueError(f"global_pool={value!r} is not supported: use one of {sorted(_POOLS)}.")
+            value = _POOLS[value]
+        overrides[_TIMM_KWARGS.get(key, key)] = value
+    if overrides.get("classifier", base.classifier) != "gap" and base.norm_after_pool:
+        overrides["norm_after_pool"] = False
+    return override_config(base, **overrides)
+
+
+def _local_file(overlay: dict[str, Any]) -> dict[str, Any]:
+    path = overlay.get("file")
+    if path and os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    if path and not os.path.exists(path):
+        raise FileNotFoundError(f"pretrained file {path!r} not found (pretrained_cfg_overlay['file']).")
+    return {**overlay, "file": path} if path else overlay
+
+
+def _entry(timm_name: str, base: Callable[[], ModelConfig]) -> Callable[..., Any]:
+    def create(pretrained: bool = False, **kwargs: Any) -> Any:
+        from timm.models import build_model_with_cfg
+        overlay = _local_file(dict(kwargs.pop("pretrained_cfg_overlay", None) or {}))
+        pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+        if pretrained and not overlay.get("file"):
+            raise ValueError(f"{timm_name}: pretrained=True needs local weights; nothing is downloaded. "
+                             "Pass pretrained_cfg_overlay={'file': DIR} with DIR a converted or "
+                             "save_pretrained directory (or its model.safetensors).")
+        timm_only = {k: kwargs.pop(k) for k in ("features_only", "out_indices", "feature_cls", "cache_dir")
+                     if k in kwargs}
+
+        def build(**model_kwargs: Any) -> VisionTransformerMoe:
+            return VisionTransformerMoe(_config_for(base(), model_kwargs))
+        model = build_model_with_cfg(build, timm_name, pretrained, pretrained_cfg=pretrained_cfg,
+                                     pretrained_cfg_overlay=overlay or None,
+                                     feature_cfg={"feature_cls": "getter", "out_indices": 3},
+                                     **timm_only, **kwargs)
+        if isinstance(model, VisionTransformerMoe):  # the input this model takes, not the registry default
+            own = default_pretrained_cfg(model.config)
+            model.pretrained_cfg = {**model.pretrained_cfg, "input_size": own["input_size"],
+                                    "fixed_input_size": own["fixed_input_size"]}
+        return model
+    create.__name__ = create.__qualname__ = timm_name
+    create.__module__ = __name__
+    create.__doc__ = f"vmoe-torch model `{timm_name}` (see vmoe_torch.integrations.timm)."
+    return create
+
+
+default_cfgs: dict[str, Any] = {}
+
+
+def register() -> list[str]:
+    """Registers every name of `timm_names()` with timm (idempotent);
+    returns the names."""
+    from timm.models import generate_default_cfgs, register_model
+    sources = {**{p: PRESETS[p] for p in PRESETS}, **_released()}
+    todo = {t: sources[src] for t, src in timm_names().items() if t not in _registered}
+    cfgs: dict[str, Any] = {name: default_pretrained_cfg(base()) for name, base in todo.items()}
+    default_cfgs.update(generate_default_cfgs(cfgs))
+    for timm_name, base in todo.items():
+        register_model(_entry(timm_name, base))
+        _registered[timm_name] = base
+    return sorted(_registered)
+
+
+__all__ = ["register", "timm_names", "default_cfgs"]
