@@ -1,5 +1,6 @@
 """vmoe-torch: V-MoE (Riquelme et al. 2021, arXiv 2106.05974) in PyTorch."""
 from .models import ModelConfig, MoeConfig, VisionTransformerMoe, create_model, list_models
+from .models.aux_loss import WithAuxiliaryLoss
 from .moe import MoeMlp, RoutingConfig
 
 __version__ = "0.1.0"
@@ -18,7 +19,7 @@ def _register_with_timm() -> None:
 _register_with_timm()
 
 __all__ = ["ModelConfig", "MoeConfig", "VisionTransformerMoe", "create_model", "list_models",
-           "MoeMlp", "RoutingConfig", "from_pretrained", "upcycle"]
+           "MoeMlp", "RoutingConfig", "WithAuxiliaryLoss", "from_pretrained", "upcycle"]
 
 
 def from_pretrained(path: str, **kwargs):

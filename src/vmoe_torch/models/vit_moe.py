@@ -21,6 +21,7 @@ from ..layers import Attention, MapHead, Mlp, PatchEmbed, resample_pos_embed, si
 from ..layers.roles import no_weight_decay_names
 from ..moe import MoeMlp
 from ..moe.config import RoutingConfig
+from .aux_loss import AuxLossGuard
 from .config import LayerRouting, ModelConfig
 from .timm_contract import TimmContract, default_pretrained_cfg
 
@@ -105,6 +106,7 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         # returns tensors only unless return_metrics=True).
         self.metrics: Metrics = {}
         self.grad_checkpointing = False
+        self._aux_guard = AuxLossGuard()
         self.pretrained_cfg = default_pretrained_cfg(config)
         d = config.hidden_size
         self.patch_embed = PatchEmbed(config.patch_size, d, config.in_chans)
@@ -332,6 +334,8 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         Either way the metrics of this forward stay in `self.metrics` and the
         auxiliary loss to add to the task loss in `self.auxiliary_loss`."""
         logits = self.forward_head(self.forward_features(images, router_noise, interpolate_pos_embed))
+        if self.training and not return_metrics:  # generic loops: notice a dropped auxiliary loss
+            self._aux_guard.watch(logits, self.metrics["auxiliary_loss"])
         return (logits, self.metrics) if return_metrics else logits
 
     @property

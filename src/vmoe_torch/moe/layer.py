@@ -34,7 +34,7 @@ def split_into_groups(num_tokens: int, group_size: Optional[int]) -> list[tuple[
     if num_tokens < 1:
         raise ValueError("An MoE layer needs at least one token.")
     size = num_tokens if group_size is None else group_size  # checked by check_group_size
-    full, rest = divmod(num_tokens, size)
+    full, rest = num_tokens // size, num_tokens % size  # (SymInt-friendly: no divmod)
     runs = []
     if full:
         runs.append((0, full, size))
