@@ -37,7 +37,11 @@ def _train(workdir, nproc, extra=(), env=None, max_restarts=0, kill=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                f"--max-restarts={max_restarts}", *entry, *args, "--expert-parallel"]
     proc = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if proc.returncode != 0:  # keep the whole log: a rare failure must be diagnosable
+        log = os.path.join(str(workdir), "..", f"{os.path.basename(str(workdir))}-stderr.log")
+        with open(log, "w") as f:
+            f.write(proc.stderr)
+    assert proc.returncode == 0, f"full log: {log}\n" + proc.stderr[-20000:]
     return proc
 
 

@@ -100,11 +100,13 @@ def run_train(args: argparse.Namespace) -> int:
     from ..distributed.runtime import shutdown
     from ..train.trainer import Trainer
     extra = ["train.expert_parallel=true"] if args.expert_parallel else []
+    ok = False
     try:
         trainer = Trainer(_load(args, extra), args.workdir, force=args.force)
         summary = trainer.fit()
+        ok = True
     finally:
-        shutdown()
+        shutdown(synchronize=ok)
     if trainer.rank == 0:
         print(json.dumps(summary, indent=2))
     return exit_code(summary)
@@ -121,11 +123,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ..distributed.runtime import shutdown
     from ..train.trainer import Trainer
     cfg = _load(args, [f"finetune.init={args.init}"])
+    ok = False
     try:
         trainer = Trainer(cfg, args.workdir, force=args.force)
         summary = trainer.fit()
+        ok = True
     finally:
-        shutdown()
+        shutdown(synchronize=ok)
     if trainer.rank == 0:
         print(json.dumps(summary, indent=2))
     return exit_code(summary)

@@ -33,12 +33,16 @@ def init_from_env(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def shutdown() -> None:
+def shutdown(synchronize: bool = False) -> None:
     """Destroys the default process group, if any. A process that exits with
     a live gloo group can abort at interpreter shutdown ("terminate called
     without an active exception": the group's threads are still joinable when
-    they are destroyed), so every torchrun entry point ends with this."""
+    they are destroyed), so every torchrun entry point ends with this. With
+    `synchronize` (the success path) the ranks first meet at a barrier, so no
+    rank tears its connections down while a peer is still using them."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
