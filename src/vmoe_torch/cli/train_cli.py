@@ -97,12 +97,22 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    extra = ["train.expert_parallel=true"] if args.expert_parallel else []
+    return _fit(_load(args, extra), args)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    return _fit(_load(args, [f"finetune.init={args.init}"]), args)
+
+
+def _fit(cfg, args: argparse.Namespace) -> int:
+    """Trains; under torchrun the process group is torn down on every path
+    (after a barrier when training succeeded); rank 0 prints the summary."""
     from ..distributed.runtime import shutdown
     from ..train.trainer import Trainer
-    extra = ["train.expert_parallel=true"] if args.expert_parallel else []
     ok = False
     try:
-        trainer = Trainer(_load(args, extra), args.workdir, force=args.force)
+        trainer = Trainer(cfg, args.workdir, force=args.force)
         summary = trainer.fit()
         ok = True
     finally:
@@ -117,22 +127,6 @@ def exit_code(summary: dict) -> int:
     SIGINT) when a signal stopped it after its checkpoint, so schedulers see
     that the job did not finish (rerun the same command to resume)."""
     return 128 + int(summary["signal"]) if "signal" in summary else 0
-
-
-def run_finetune(args: argparse.Namespace) -> int:
-    from ..distributed.runtime import shutdown
-    from ..train.trainer import Trainer
-    cfg = _load(args, [f"finetune.init={args.init}"])
-    ok = False
-    try:
-        trainer = Trainer(cfg, args.workdir, force=args.force)
-        summary = trainer.fit()
-        ok = True
-    finally:
-        shutdown(synchronize=ok)
-    if trainer.rank == 0:
-        print(json.dumps(summary, indent=2))
-    return exit_code(summary)
 
 
 def run_eval(args: argparse.Namespace) -> int:
