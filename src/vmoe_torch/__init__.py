@@ -19,7 +19,7 @@ def _register_with_timm() -> None:
 _register_with_timm()
 
 __all__ = ["ModelConfig", "MoeConfig", "VisionTransformerMoe", "create_model", "list_models",
-           "MoeMlp", "RoutingConfig", "WithAuxiliaryLoss", "from_pretrained", "upcycle"]
+           "MoeMlp", "RoutingConfig", "WithAuxiliaryLoss", "from_pretrained", "save_pretrained", "upcycle"]
 
 
 def from_pretrained(path: str, **kwargs):
@@ -27,6 +27,11 @@ def from_pretrained(path: str, **kwargs):
     (model.safetensors + config.json)."""
     from .convert.pretrained import from_pretrained as _load
     return _load(path, **kwargs)
+
+
+def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool = False) -> None:
+    """`model.save_pretrained(out_dir)`: model.safetensors + config.json + README.md."""
+    model.save_pretrained(out_dir, overwrite=overwrite)
 
 
 def upcycle(source, model, **options):

@@ -197,3 +197,21 @@ def test_save_pretrained_round_trips_after_contract_changes(tmp_path):
     x = _x(3, 40)
     torch.testing.assert_close(back(x), m(x))
     assert back.config == m.config
+
+
+def test_class_level_save_and_load_and_timm_checkpoint_helpers(tmp_path):
+    """Symmetric save_pretrained / from_pretrained on the class and the
+    package; timm's save_for_hf and load_checkpoint work on our models."""
+    from vmoe_torch import VisionTransformerMoe
+    m = timm.create_model("vmoe_mi4_every2_e8_k2", num_classes=5).eval()
+    torch.nn.init.normal_(m.head.weight)
+    m.save_pretrained(str(tmp_path / "ours"))
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    x = _x()
+    torch.testing.assert_close(VisionTransformerMoe.from_pretrained(str(tmp_path / "ours"))(x), m(x))
+    vmoe_torch.save_pretrained(m, str(tmp_path / "pkg"))
+    torch.testing.assert_close(vmoe_torch.from_pretrained(str(tmp_path / "pkg"))(x), m(x))
+    timm.models.save_for_hf(m, str(tmp_path / "hf"), safe_serialization=True)
+    other = timm.create_model("vmoe_mi4_every2_e8_k2", num_classes=5).eval()
+    timm.models.load_checkpoint(other, str(tmp_path / "hf" / "model.safetensors"))
+    torch.testing.assert_close(other(x), m(x))

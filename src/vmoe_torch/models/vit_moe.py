@@ -346,6 +346,20 @@ class VisionTransformerMoe(TimmContract, nn.Module):
             raise RuntimeError("No forward has run yet: call the model first.")
         return self.metrics["auxiliary_loss"]
 
+    # ----------------------------------------------------------- save / load
+    def save_pretrained(self, out_dir: str, overwrite: bool = False) -> None:
+        """Writes a Hub-compatible directory: model.safetensors (with the
+        architecture fingerprint), config.json and a model card README.md."""
+        from ..convert.pretrained import save_pretrained  # convert builds on models: imported late
+        save_pretrained(self, out_dir, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location: str = "cpu", **routing: Any) -> "VisionTransformerMoe":
+        """Loads a `save_pretrained` / `vmoe convert` directory (eval mode);
+        routing keyword arguments are applied with `set_routing`."""
+        from ..convert.pretrained import from_pretrained
+        return from_pretrained(path, map_location=map_location, **routing)
+
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters not to weight-decay: all but the kernels
         (`vmoe_torch.layers.roles`); timm's optimizer factory reads this."""
