@@ -1,8 +1,41 @@
-"""Tiny configurations shared by the training, evaluation and analysis tests."""
+"""Tiny configurations and run helpers shared by the training, evaluation,
+reliability and analysis tests."""
 from __future__ import annotations
+
+import json
+import os
+import sys
 
 TINY_MODEL = ("model.overrides={num_layers: 2, layers: [0, 1], patch_size: 8, group_size: 34, "
               "num_experts: 4}")
 TINY = [TINY_MODEL, "data.train_renders=1", "data.test_renders=1", "data.batch_size=16",
         "data.eval_batch_size=32", "train.steps=8", "train.log_every=1", "train.checkpoint_every=4",
         "train.threads=1", "train.progress=false", "schedule.warmup_steps=2", "optim.lr=0.003"]
+
+
+def train_cmd(workdir, steps: int, checkpoint_every: int, keep: int = 2, extra=()) -> list[str]:
+    """`vmoe train` of the TINY config as a subprocess command."""
+    sets = TINY + [f"train.steps={steps}", f"train.checkpoint_every={checkpoint_every}",
+                   f"train.keep_checkpoints={keep}", *extra]
+    return [sys.executable, "-m", "vmoe_torch.cli.main", "train", "--workdir", str(workdir),
+            *[a for s in sets for a in ("--set", s)]]
+
+
+def subprocess_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def logged_losses(workdir) -> dict[int, float]:
+    """{step: loss} of WORKDIR/metrics.jsonl; a last line torn by a kill is
+    skipped (the next run repairs it)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}

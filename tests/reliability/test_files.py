@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import TINY
+from helpers import TINY, logged_losses
 
 from vmoe_torch.config import load_config
 from vmoe_torch.train.checkpoint import list_checkpoints
@@ -16,9 +16,7 @@ from vmoe_torch.train.trainer import Trainer
 pytestmark = pytest.mark.reliability
 
 
-def _losses(workdir):
-    from reliability.test_kill_storm import losses
-    return losses(workdir)
+_losses = logged_losses
 
 
 def test_torn_last_metrics_line_is_repaired_on_resume(tmp_path):

@@ -4,42 +4,25 @@ per-step losses identical to the bit to an uninterrupted run, with nothing
 left behind (no temporaries, no lock)."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from helpers import TINY
+from helpers import logged_losses, subprocess_env, train_cmd
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 STEPS = 40
 
 
 def cmd(workdir):
-    sets = TINY + [f"train.steps={STEPS}", "train.checkpoint_every=2", "train.keep_checkpoints=2"]
-    return [sys.executable, "-m", "vmoe_torch.cli.main", "train", "--workdir", str(workdir),
-            *[a for s in sets for a in ("--set", s)]]
+    return train_cmd(workdir, STEPS, checkpoint_every=2)
 
 
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def losses(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return {}
-    rows = []
-    for line in open(path):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by the kill; the next run repairs it
-            pass
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+env = subprocess_env
+losses = logged_losses
 
 
 def test_ten_random_sigkills_then_identical_losses_and_a_clean_work_dir(tmp_path):

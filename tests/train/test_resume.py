@@ -1,16 +1,14 @@
 """Checkpoints, automatic resume, SIGKILL/SIGTERM, and work-dir safety."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from helpers import TINY
+from helpers import TINY, logged_losses, subprocess_env, train_cmd
 
 from vmoe_torch.config import load_config
 from vmoe_torch.train.checkpoint import list_checkpoints
@@ -20,20 +18,11 @@ STEPS = 16
 
 
 def _cmd(workdir, extra=()):
-    sets = [a for o in TINY + [f"train.steps={STEPS}", "train.checkpoint_every=4", "train.keep_checkpoints=2"]
-            + list(extra) for a in ("--set", o)]
-    return [sys.executable, "-m", "vmoe_torch.cli.main", "train", "--workdir", str(workdir), *sets]
+    return train_cmd(workdir, STEPS, checkpoint_every=4, extra=extra)
 
 
-def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
+_env = subprocess_env
+_losses = logged_losses
 
 
 @pytest.mark.slow

@@ -22,14 +22,13 @@ from typing import Any, Callable
 
 from ..models.config import ModelConfig
 from ..models.registry import PRESETS, override_config
-from ..models.timm_contract import default_pretrained_cfg
+from ..models.timm_contract import POOLS, default_pretrained_cfg
 from ..models.vit_moe import VisionTransformerMoe
 
 # timm keyword -> our config field.
 _TIMM_KWARGS = {"img_size": "image_size", "drop_rate": "dropout_rate", "attn_drop_rate": "attention_dropout_rate",
                 "drop_path_rate": "drop_path_rate", "dynamic_img_size": "dynamic_img_size",
                 "num_classes": "num_classes", "in_chans": "in_chans", "global_pool": "classifier"}
-_POOLS = {"token": "token", "avg": "gap", "gap": "gap", "map": "map"}
 _registered: dict[str, Callable[[], ModelConfig]] = {}
 
 
@@ -52,11 +51,20 @@ def _released() -> dict[str, Callable[[], ModelConfig]]:
     return {name: builder(name) for name, entry in RELEASED.items() if entry.supported}
 
 
+def _sources() -> dict[str, tuple[str, Callable[[], ModelConfig], ModelConfig]]:
+    """{timm name: (our name, config builder, its config)}, each config built once."""
+    out = {}
+    for preset, build in PRESETS.items():
+        cfg = build()
+        out[_preset_name(preset, cfg)] = (preset, build, cfg)
+    for name, build in _released().items():
+        out[name] = (name, build, build())
+    return dict(sorted(out.items()))
+
+
 def timm_names() -> dict[str, str]:
     """{timm name: our preset or released-checkpoint name}."""
-    names = {_preset_name(p, build()): p for p, build in PRESETS.items()}
-    names.update({n: n for n in _released()})
-    return dict(sorted(names.items()))
+    return {timm_name: ours for timm_name, (ours, _, _) in _sources().items()}
 
 
 def _config_for(base: ModelConfig, kwargs: dict[str, Any]) -> ModelConfig:
@@ -65,9 +73,9 @@ def _config_for(base: ModelConfig, kwargs: dict[str, Any]) -> ModelConfig:
         if key == "global_pool":
             if value is None:
                 continue
-            if value not in _POOLS:
-                raise ValueError(f"global_pool={value!r} is not supported: use one of {sorted(_POOLS)}.")
-            value = _POOLS[value]
+            if value not in POOLS:
+                raise ValueError(f"global_pool={value!r} is not supported: use one of {sorted(POOLS)}.")
+            value = POOLS[value]
         overrides[_TIMM_KWARGS.get(key, key)] = value
     if overrides.get("classifier", base.classifier) != "gap" and base.norm_after_pool:
         overrides["norm_after_pool"] = False
@@ -119,13 +127,11 @@ def register() -> list[str]:
     """Registers every name of `timm_names()` with timm (idempotent);
     returns the names."""
     from timm.models import generate_default_cfgs, register_model
-    sources = {**{p: PRESETS[p] for p in PRESETS}, **_released()}
-    todo = {t: sources[src] for t, src in timm_names().items() if t not in _registered}
-    cfgs: dict[str, Any] = {name: default_pretrained_cfg(base()) for name, base in todo.items()}
-    default_cfgs.update(generate_default_cfgs(cfgs))
-    for timm_name, base in todo.items():
-        register_model(_entry(timm_name, base))
-        _registered[timm_name] = base
+    todo = {t: src for t, src in _sources().items() if t not in _registered}
+    default_cfgs.update(generate_default_cfgs({t: default_pretrained_cfg(cfg) for t, (_, _, cfg) in todo.items()}))
+    for timm_name, (_, build, _) in todo.items():
+        register_model(_entry(timm_name, build))
+        _registered[timm_name] = build
     return sorted(_registered)
 
 

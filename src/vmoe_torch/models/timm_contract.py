@@ -18,6 +18,9 @@ from .config import ModelConfig, as_pair
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+# timm's pooling names -> ModelConfig.classifier.
+POOLS = {"token": "token", "avg": "gap", "gap": "gap", "map": "map"}
+
 # Our models take images in [-1, 1]: timm's [0, 1] tensors normalised with 0.5 / 0.5.
 MEAN = STD = (0.5, 0.5, 0.5)
 

@@ -23,13 +23,9 @@ from ..moe import MoeMlp
 from ..moe.config import RoutingConfig
 from .aux_loss import AuxLossGuard
 from .config import LayerRouting, ModelConfig
-from .timm_contract import TimmContract, default_pretrained_cfg
+from .timm_contract import POOLS, TimmContract, default_pretrained_cfg
 
 Metrics = dict[str, Tensor]
-
-
-# timm's pooling names -> ModelConfig.classifier.
-_POOLS = {"token": "token", "avg": "gap", "gap": "gap", "map": "map"}
 
 
 def _block_with_metrics(block: "Block", x: Tensor, noise: Optional[Tensor]) -> tuple[Tensor, Optional[Metrics]]:
@@ -195,10 +191,10 @@ class VisionTransformerMoe(TimmContract, nn.Module):
             self.head.to(device)
 
     def _set_pool(self, global_pool: str) -> None:
-        kind = _POOLS.get(global_pool)
+        kind = POOLS.get(global_pool)
         if kind is None:
             raise ValueError(f"global_pool={global_pool!r} is not supported: use one of "
-                             f"{sorted(_POOLS)}, or None to keep the current pooling.")
+                             f"{sorted(POOLS)}, or None to keep the current pooling.")
         if kind != self._config.classifier:
             raise ValueError(f"This model pools with {self._config.classifier!r}; its parameters (class "
                              "token, MAP head) fix the pooling. Build the model with the pooling you "
