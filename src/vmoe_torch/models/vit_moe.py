@@ -35,6 +35,36 @@ def _block_with_metrics(block: "Block", x: Tensor, noise: Optional[Tensor]) -> t
     return y, block.metrics if block.is_moe else None
 
 
+def check_images(images: Tensor, patch_embed: PatchEmbed, check_finite: bool) -> Tensor:
+    """Returns `images` after checking them for a model whose patch embedding
+    is `patch_embed` (rank, channels, size, dtype, finiteness), with an error
+    that names the fix. FX symbolic tracing records this call as one node
+    (`torch.fx.wrap`), so traced models keep the checks."""
+    if images.dim() != 4:
+        raise ValueError(f"Expected images of shape (B, C, H, W), got {tuple(images.shape)}. "
+                         "Add a batch axis, or permute NHWC images with .permute(0, 3, 1, 2).")
+    if images.shape[1] != patch_embed.in_chans:
+        raise ValueError(f"Expected {patch_embed.in_chans} channels (NCHW), got shape "
+                         f"{tuple(images.shape)}. NHWC images need .permute(0, 3, 1, 2).")
+    if not images.is_floating_point():
+        raise ValueError(f"Images must be floating point in [-1, 1], got {images.dtype}: convert "
+                         "them, e.g. images.float() / 127.5 - 1 for uint8 pixels.")
+    weight_dtype = patch_embed.proj.weight.dtype
+    if images.dtype != weight_dtype and not _autocast_on(images.device.type):
+        raise ValueError(f"Images are {images.dtype} but the model is {weight_dtype}: use "
+                         f"images.to({weight_dtype}) (or run under torch.autocast).")
+    if check_finite:
+        if torch.compiler.is_compiling():  # compiled / exported: checked on the device, no sync
+            torch._assert_async(torch.isfinite(images).all(), "Input images contain NaN or Inf values.")
+        elif not torch.isfinite(images).all():
+            raise ValueError("Input images contain NaN or Inf values.")
+    patch_embed.grid(images.shape[2], images.shape[3])  # raises on a bad size
+    return images
+
+
+torch.fx.wrap("check_images")
+
+
 class Block(nn.Module):
     """Pre-LN encoder block: x + Attn(LN(x)), then x + Mlp(LN(x)) (or MoE)."""
 
@@ -232,27 +262,13 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         return x
 
     # -------------------------------------------------------------- forward
-    def _check_images(self, images: Tensor) -> tuple[int, int]:
-        if images.dim() != 4:
-            raise ValueError(f"Expected images of shape (B, C, H, W), got {tuple(images.shape)}. "
-                             "Add a batch axis, or permute NHWC images with .permute(0, 3, 1, 2).")
-        if images.shape[1] != self._config.in_chans:
-            raise ValueError(f"Expected {self._config.in_chans} channels (NCHW), got shape "
-                             f"{tuple(images.shape)}. NHWC images need .permute(0, 3, 1, 2).")
-        if not images.is_floating_point():
-            raise ValueError(f"Images must be floating point in [-1, 1], got {images.dtype}: convert "
-                             "them, e.g. images.float() / 127.5 - 1 for uint8 pixels.")
-        weight_dtype = self.patch_embed.proj.weight.dtype
-        if images.dtype != weight_dtype and not _autocast_on(images.device.type):
-            raise ValueError(f"Images are {images.dtype} but the model is {weight_dtype}: use "
-                             f"images.to({weight_dtype}) (or run under torch.autocast).")
-        if self._config.check_finite and not torch.isfinite(images).all():
-            raise ValueError("Input images contain NaN or Inf values.")
-        return self.patch_embed.grid(images.shape[2], images.shape[3])
-
     def _embed(self, images: Tensor, interpolate_pos_embed: bool) -> Tensor:
         """(B, C, H, W) -> tokens (B, N, D) with the position embedding."""
-        grid = self._check_images(images)
+        images = check_images(images, self.patch_embed, self._config.check_finite)
+        if isinstance(images, torch.fx.Proxy):  # FX tracing: the configured size
+            grid = self.pos_grid
+        else:
+            grid = self.patch_embed.grid(images.shape[2], images.shape[3])
         x = self.patch_embed(images)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -279,7 +295,7 @@ class VisionTransformerMoe(TimmContract, nn.Module):
                 x, m = checkpoint(_block_with_metrics, block, x, noise, use_reentrant=False)
             else:
                 x, m = _block_with_metrics(block, x, noise)
-            if m is not None:
+            if m is not None and not isinstance(x, torch.fx.Proxy):  # FX graphs carry no metrics
                 for key, value in m.items():
                     if key == "auxiliary_loss":
                         continue
@@ -328,7 +344,12 @@ class VisionTransformerMoe(TimmContract, nn.Module):
                 interpolate_pos_embed: bool = False):
         """Logits (B, classes); with `return_metrics=True`, `(logits, metrics)`.
         Either way the metrics of this forward stay in `self.metrics` and the
-        auxiliary loss to add to the task loss in `self.auxiliary_loss`."""
+        auxiliary loss to add to the task loss in `self.auxiliary_loss`.
+
+        FX symbolic tracing traces `forward_head(forward_features(images))`:
+        the options keep their defaults and the graph returns logits only."""
+        if isinstance(images, torch.fx.Proxy):
+            return self.forward_head(self.forward_features(images))
         logits = self.forward_head(self.forward_features(images, router_noise, interpolate_pos_embed))
         if self.training and not return_metrics:  # generic loops: notice a dropped auxiliary loss
             self._aux_guard.watch(logits, self.metrics["auxiliary_loss"])

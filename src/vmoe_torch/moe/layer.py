@@ -161,6 +161,10 @@ class MoeMlp(nn.Module):
 
     # ------------------------------------------------------------ forward
     def forward(self, x: Tensor, noise: Optional[Tensor] = None) -> tuple[Tensor, Metrics]:
+        """(B, N, D) -> ((B, N, D), metrics). See `route_tokens`."""
+        return moe_forward(self, x, noise)
+
+    def route_tokens(self, x: Tensor, noise: Optional[Tensor] = None) -> tuple[Tensor, Metrics]:
         """(B, N, D) -> ((B, N, D), metrics).
 
         Args:
@@ -226,6 +230,18 @@ class MoeMlp(nn.Module):
                               "buffer_index": plan.buffer_index.detach().cpu(),
                               "gates": plan.combine_weights.detach().float().cpu(),
                               "capacity": torch.tensor(plan.capacity)})
+
+
+def moe_forward(layer: MoeMlp, x: Tensor, noise: Optional[Tensor] = None) -> tuple[Tensor, Metrics]:
+    """`layer.route_tokens(x, noise)`. FX symbolic tracing records this call
+    as one node (`torch.fx.wrap`) instead of tracing into routing, whose
+    group split and capacities depend on the token count: a traced model
+    (torchvision's `create_feature_extractor`, timm's FX features) runs the
+    real MoE layer, input checks included."""
+    return layer.route_tokens(x, noise)
+
+
+torch.fx.wrap("moe_forward")
 
 
 def _merge_runs(runs: list[Metrics]) -> Metrics:
