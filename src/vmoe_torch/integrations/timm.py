@@ -17,8 +17,11 @@ keyword arguments. Names (see `timm_names()`):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable
+
+import torch
 
 from ..models.config import ModelConfig
 from ..models.registry import PRESETS, override_config
@@ -103,8 +106,13 @@ def _entry(timm_name: str, base: Callable[[], ModelConfig]) -> Callable[..., Any
         timm_only = {k: kwargs.pop(k) for k in ("features_only", "out_indices", "feature_cls", "cache_dir")
                      if k in kwargs}
 
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+
         def build(**model_kwargs: Any) -> VisionTransformerMoe:
-            return VisionTransformerMoe(_config_for(base(), model_kwargs))
+            config = _config_for(base(), model_kwargs)  # bad keywords fail before any allocation
+            with torch.device(device) if device is not None else contextlib.nullcontext():
+                model = VisionTransformerMoe(config)
+            return model.to(dtype=dtype) if dtype is not None else model
         model = build_model_with_cfg(build, timm_name, pretrained, pretrained_cfg=pretrained_cfg,
                                      pretrained_cfg_overlay=overlay or None,
                                      feature_cfg={"feature_cls": "getter", "out_indices": 3},

@@ -97,6 +97,12 @@ def _images_per_group(cfg: ModelConfig) -> int:
     return cfg.moe.group_size // per_image if cfg.moe.group_size % per_image == 0 else 8
 
 
+class UnknownOverrideError(TypeError, ValueError):
+    """An override names no model, MoE or routing field. A TypeError like any
+    unexpected keyword argument (timm's model contract), and a ValueError
+    like every other bad setting."""
+
+
 def _split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
     """Model / MoE / routing overrides. `moe={...}` and `routing={...}` name
     their section explicitly; a bare name is taken by the first section that
@@ -110,7 +116,7 @@ def _split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
         if isinstance(value, dict):
             unknown = sorted(set(value) - fields)
             if unknown:
-                raise ValueError(f"Unknown {section} override(s) {unknown}; valid: {sorted(fields)}.")
+                raise UnknownOverrideError(f"Unknown {section} override(s) {unknown}; valid: {sorted(fields)}.")
             target.update(value)
     unknown = []
     for key, value in overrides.items():
@@ -125,7 +131,7 @@ def _split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"Unknown override(s) {sorted(unknown)} for create_model; valid: model fields "
+        raise UnknownOverrideError(f"Unknown override(s) {sorted(unknown)} for create_model; valid: model fields "
                          f"{sorted(_MODEL_FIELDS)}, MoE fields {sorted(_MOE_FIELDS)} (or moe={{...}}), "
                          f"routing fields {sorted(_ROUTING_FIELDS)} (or routing={{...}}).")
     return model_kw, moe_kw, routing_kw

@@ -105,6 +105,11 @@ class TimmContract:
         return self._config.hidden_size
 
     @property
+    def in_chans(self) -> int:
+        """Input channels (timm's attribute)."""
+        return self._config.in_chans
+
+    @property
     def global_pool(self) -> str:
         return {"gap": "avg"}.get(self._config.classifier, self._config.classifier)
 

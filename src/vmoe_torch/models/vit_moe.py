@@ -185,11 +185,13 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         self._config = value
 
     # ----------------------------------------------------------------- head
-    def _build_head(self, num_classes: int, bias_init: float) -> None:
+    def _build_head(self, num_classes: int, bias_init: float, like: Optional[Tensor] = None) -> None:
+        """A new head; on the device and in the dtype of `like` when given."""
         if num_classes <= 0:
             self.head = None
             return
-        self.head = nn.Linear(self.num_features, num_classes)
+        place = {} if like is None else {"device": like.device, "dtype": like.dtype}
+        self.head = nn.Linear(self.num_features, num_classes, **place)
         if self._config.head_kernel_zero_init:
             nn.init.zeros_(self.head.weight)
         else:
@@ -215,10 +217,9 @@ class VisionTransformerMoe(TimmContract, nn.Module):
             self._config, num_classes=num_classes, head_bias_init=head_bias_init,
             representation_size=self._config.representation_size if self.pre_logits is not None else None)
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        device = next(self.parameters()).device
-        self._build_head(num_classes, head_bias_init)
+        self._build_head(num_classes, head_bias_init, like=self.patch_embed.proj.weight)
         if self.head is not None:
-            self.head.to(device)
+            self.head.train(self.training)
 
     def _set_pool(self, global_pool: str) -> None:
         kind = POOLS.get(global_pool)
@@ -237,7 +238,7 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         new_grid = self.patch_embed.grid(*image_size)
         if self.pos_embed is not None:
             new = resample_pos_embed(self.pos_embed.data, self.pos_grid, new_grid, self.num_prefix_tokens)
-            self.pos_embed = nn.Parameter(new)
+            self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
         self.pos_grid = new_grid
         self._config = dataclasses.replace(self._config, image_size=(int(image_size[0]), int(image_size[1])))
 

@@ -14,6 +14,7 @@ Axis legend: see `vmoe_torch.moe.routing` (M: ensemble members).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -46,6 +47,15 @@ from .soft import soft_metrics, soft_num_slots, soft_router_logits, soft_weights
 
 Metrics = dict[str, Tensor]
 DISPATCH_IMPLS = ("index", "einsum")
+
+
+def float32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off (router logits in float32), on device types that
+    have autocast; elsewhere (the meta device) nothing to switch off."""
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
+    if not available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 class Router(nn.Module):
@@ -105,7 +115,7 @@ class _GatingRouter(Router):
 
     def logits(self, x: Tensor) -> Tensor:
         """(G, S, D) -> (G, S, E) float32."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with float32_region(x.device.type):
             return F.linear(x.float(), self.weight.float())
 
     def take_parameters(self, other: "_GatingRouter") -> None:
@@ -311,7 +321,7 @@ class SoftRouter(Router):
                 generator: Optional[torch.Generator] = None) -> tuple[Dispatcher, Metrics]:
         groups, size, _ = x.shape
         # Logits and both softmaxes in float32 outside autocast, as the sparse routers.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with float32_region(x.device.type):
             logits, mu = soft_router_logits(x.float(), self.mu.float(), self.scale.float())
         std = self.config.effective_noise_std
         if self.training and std > 0:
