@@ -190,8 +190,8 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         if num_classes <= 0:
             self.head = None
             return
-        place = {} if like is None else {"device": like.device, "dtype": like.dtype}
-        self.head = nn.Linear(self.num_features, num_classes, **place)
+        self.head = nn.Linear(self.num_features, num_classes, device=None if like is None else like.device,
+                              dtype=None if like is None else like.dtype)
         if self._config.head_kernel_zero_init:
             nn.init.zeros_(self.head.weight)
         else:
