@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import convert, models, train_cli, upcycle
+from . import convert, models, timm_cli, train_cli, upcycle
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (convert, models, upcycle):
         module.add_parser(sub)
     train_cli.add_parsers(sub)
+    timm_cli.add_parsers(sub)
     return parser
 
 

@@ -124,3 +124,25 @@ def make_cluttered_digits(seed: int = 0, image_size: int = 32, train_renders: in
             labels=torch.from_numpy(labels[idx.numpy()]).repeat(renders),
             source=idx.repeat(renders))
     return out["train"], out["test"]
+
+
+def export_image_folder(out_dir: str, seed: int = 0, image_size: int = 32, overwrite: bool = False) -> dict[str, int]:
+    """Writes the bundled digits as an ImageFolder tree of PNGs,
+    `out_dir/{train,validation}/<class>/<index>.png`, the layout timm's and
+    torchvision's datasets read. Atomic: the tree appears complete or not
+    at all. Returns the number of images per split."""
+    import os
+
+    from PIL import Image
+
+    from ..utils.io import atomic_directory
+    counts = {}
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        for split, data in zip(("train", "validation"), make_cluttered_digits(seed, image_size)):
+            for label in range(data.num_classes):
+                os.makedirs(os.path.join(tmp, split, str(label)))
+            pixels = data.images.permute(0, 2, 3, 1).numpy()
+            for i, (image, label) in enumerate(zip(pixels, data.labels.tolist())):
+                Image.fromarray(image).save(os.path.join(tmp, split, str(label), f"{i:05d}.png"))
+            counts[split] = len(data)
+    return counts
