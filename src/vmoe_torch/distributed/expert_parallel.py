@@ -175,10 +175,11 @@ def shard_state_dict(full: dict[str, torch.Tensor], model: nn.Module, group=None
 
 
 @torch.no_grad()
-def clip_grad_norm_distributed(model: nn.Module, max_norm: Optional[float], group=None) -> float:
+def clip_grad_norm_distributed(model: nn.Module, max_norm: Optional[float], group=None) -> torch.Tensor:
     """Global-norm clipping over the whole (sharded) model, after
     `sync_gradients`: replicated gradients count once, every rank's experts
-    count once. Returns the norm before clipping."""
+    count once. Returns the norm before clipping (0-dim float64 tensor);
+    nothing here waits for the host."""
     replicated: list[torch.Tensor] = []
     experts: list[torch.Tensor] = []
     for n, p in model.named_parameters():
@@ -188,9 +189,9 @@ def clip_grad_norm_distributed(model: nn.Module, max_norm: Optional[float], grou
         return sum((g.double().square().sum() for g in gs), torch.zeros((), dtype=torch.float64))
     expert_sq = sq(experts)
     dist.all_reduce(expert_sq, group=group)
-    total = float((sq(replicated) + expert_sq).sqrt())
-    if max_norm is not None and total > max_norm:
-        scale = max_norm / (total + 1e-6)
+    total = (sq(replicated) + expert_sq).sqrt()
+    if max_norm is not None:  # as torch's clip_grad_norm_: a coefficient clamped at 1
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in replicated + experts:
-            g.mul_(scale)
+            g.mul_(scale.to(g.dtype))
     return total

@@ -9,9 +9,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ..utils.seeds import derive_seed
 from .config import RoutingConfig, check_group_size
 from .experts import Experts
+from .noise import group_normal, seed_words
 from .routers import DISPATCH_IMPLS, Router, SoftRouter, TopExpertsRouter, _GatingRouter, build_router
 
 Metrics = dict[str, Tensor]
@@ -65,6 +65,8 @@ class MoeMlp(nn.Module):
         `routing` (num_selected_experts, capacity_factor, batch_priority, ...).
     """
 
+    noise_seed_words: Tensor  # (2,) int64, see `noise_seed`
+
     def __init__(self, dim: int, mlp_dim: int, num_experts: int,
                  routing: Optional[RoutingConfig] = None, *, group_size: Optional[int] = None,
                  dropout_rate: float = 0.0, ensemble_size: int = 1, gelu: str = "tanh",
@@ -86,11 +88,27 @@ class MoeMlp(nn.Module):
         # top gates, capacity.
         self.recorded: Optional[list[dict[str, Tensor]]] = None
         # Per-group router noise: when `noise_seed` is set, group g's draw is
-        # seeded by (noise_seed, global index of g). With expert parallelism,
-        # `rank` shifts the global index by rank * (groups per rank), so the
-        # noise does not depend on the number of processes.
-        self.noise_seed: Optional[int] = None
+        # a function of (noise_seed, global index of g) (`moe.noise`). With
+        # expert parallelism, `rank` shifts the global index by rank * (groups
+        # per rank), so the noise does not depend on the number of processes.
+        # The seed is data (a non-persistent buffer): a new seed every step
+        # neither syncs nor recompiles a compiled model.
+        self.register_buffer("noise_seed_words", seed_words(0), persistent=False)
+        self._noise_seed: Optional[int] = None
+        self._seeded = False  # what forward reads: a compiled graph guards on it, not on the seed
         self.rank = 0
+
+    # ------------------------------------------------------------ noise
+    @property
+    def noise_seed(self) -> Optional[int]:
+        """Seed of the per-group router noise in training (None: torch's RNG)."""
+        return self._noise_seed
+
+    @noise_seed.setter
+    def noise_seed(self, seed: Optional[int]) -> None:
+        self._noise_seed, self._seeded = seed, seed is not None
+        if seed is not None:
+            self.noise_seed_words.copy_(seed_words(seed))
 
     # ------------------------------------------------------------ routing
     @property
@@ -193,8 +211,8 @@ class MoeMlp(nn.Module):
             run_noise = None
             if noise is not None:
                 run_noise = noise[g_seen:g_seen + groups, :size]
-            elif self.training and self.noise_seed is not None:
-                run_noise = self.group_noise(g_seen, groups, size, x.device)
+            elif self.training and self._seeded:
+                run_noise = self.group_noise(g_seen, groups, size)
             y, metrics = self._route(xg, run_noise)
             outs.append(y.reshape(groups * size, dim))
             per_run.append(metrics)
@@ -204,13 +222,11 @@ class MoeMlp(nn.Module):
             y = y.view(batch // m, seq, m, dim).transpose(1, 2)
         return y.reshape(batch, seq, dim), _merge_runs(per_run)
 
-    def group_noise(self, first_group: int, groups: int, size: int, device: torch.device) -> Tensor:
-        """One seeded standard-normal stream per global group, stacked."""
+    def group_noise(self, first_group: int, groups: int, size: int) -> Tensor:
+        """(groups, *noise shape of a group of `size`) standard normals for
+        global groups first_group.. (`moe.noise.group_normal`)."""
         shape = self.router.noise_shape(1, size)[1:]
-        assert self.noise_seed is not None
-        draws = [torch.randn(shape, generator=torch.Generator().manual_seed(
-            derive_seed(self.noise_seed, first_group + g))) for g in range(groups)]
-        return torch.stack(draws).to(device)
+        return group_normal(self.noise_seed_words, first_group, groups, tuple(shape))
 
     def _route(self, x: Tensor, noise: Optional[Tensor]) -> tuple[Tensor, Metrics]:
         """(G, S, D) -> ((G, S, D), metrics): router -> experts -> combine."""

@@ -44,11 +44,12 @@ def learning_rate(step: int, total_steps: int, peak: float, cfg: ScheduleConfig)
     raise ValueError(f"Unknown schedule {cfg.name!r}.")
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float | None) -> float:
-    """Global-norm clipping; returns the norm before clipping."""
+def clip_grad_norm(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Global-norm clipping; returns the norm before clipping as a 0-dim
+    tensor (read it on logged steps only: reading it syncs with the device)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm is None:
         if not params:
-            return 0.0
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)

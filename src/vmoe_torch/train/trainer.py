@@ -116,6 +116,12 @@ class Trainer:
         check_writable(workdir)
         self.train_ds, self.test_ds = build_datasets(cfg.data)
         self.model = build_model(cfg, self.train_ds.num_classes).to(self.device)
+        # The training forward: the model itself, or with train.compile its compiled
+        # form (one graph for every batch of whole routing groups, no graph breaks).
+        self.forward_model: Any = self.model
+        if cfg.train.compile:
+            self.forward_model = torch.compile(self.model, dynamic=True, fullgraph=True,
+                                               backend=cfg.train.compile_backend)
         if self.expert_parallel:
             check_expert_parallel(self.model, self.world)
         self._check_image_size()
@@ -371,34 +377,36 @@ class Trainer:
         else:
             targets = F.one_hot(labels, self.train_ds.num_classes).float()
         accum = cfg.train.grad_accum
-        task_total = aux_total = 0.0
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # task, auxiliary: read when logged
         routing: dict[str, list[torch.Tensor]] = {}
         members = self.model.ensemble_size
         for xs, ts in zip(x.chunk(accum), targets.chunk(accum)):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-                logits, metrics = self.model(xs, return_metrics=True)
+                logits, metrics = self.forward_model(xs, return_metrics=True)
             if members > 1:  # E^3: each member is trained on the labels (reference)
                 ts = ts.repeat_interleave(members, dim=0)
             task = self.loss_fn(logits, ts)
             aux = metrics["auxiliary_loss"]
             ((task + aux) / accum).backward()
-            task_total += float(task.detach()) / accum
-            aux_total += float(aux.detach()) / accum
+            totals += torch.stack([task.detach(), aux.detach()]).double() / accum
             for key, value in metrics.items() if collect_routing else ():
                 if "/" in key and key.split("/")[1] in _ROUTING_LOG:
                     routing.setdefault(key, []).append(value.detach().float().mean(0))
         if self.world > 1:
             sync_gradients(self.model)
             grad_norm = clip_grad_norm_distributed(self.model, cfg.optim.grad_clip_norm)
-            totals = torch.tensor([task_total, aux_total], dtype=torch.float64)
-            dist.all_reduce(totals)
-            task_total, aux_total = (totals / self.world).tolist()
         else:
             grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not collect_routing:  # not a logged step: nothing is read back from the device
+            return {"step": step + 1}
+        if self.world > 1:
+            dist.all_reduce(totals)
+            totals = totals / self.world
+        task_total, aux_total = totals.tolist()
         record: dict[str, Any] = {"step": step + 1, "loss": task_total + aux_total, "task_loss": task_total,
-                                  "auxiliary_loss": aux_total, "lr": lr, "grad_norm": grad_norm}
+                                  "auxiliary_loss": aux_total, "lr": lr, "grad_norm": float(grad_norm)}
         for key, values in routing.items():  # per-layer means over groups (and micro-batches)
             mean = torch.stack(values).mean(0)
             if self.world > 1:  # and over ranks: every rank's groups, not rank 0's alone

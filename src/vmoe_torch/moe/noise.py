@@ -1,0 +1,73 @@
+"""Counter-based router noise: standard-normal draws that are a pure
+function of (seed, global routing group, position in the group).
+
+Why counter-based: group g's noise must not depend on which process routes
+g, nor on how many groups a process holds (expert and data parallelism), and
+drawing it must stay on the device and inside one compiled graph (no Python
+loop of generators, no host sync, no recompilation when the seed changes
+every step). JAX gets this from threefry with `fold_in`; here the same shape
+of computation is built from a 32-bit integer hash in int64 tensor ops:
+
+  key   = H(H(seed_lo) ^ seed_hi)                   per layer and step
+  gkey  = H(key ^ H(g))                             per global group g
+  u1, u2 = H(gkey ^ H(2i)), H(gkey ^ H(2i + 1))      per element i
+  z     = sqrt(-2 ln u1) * cos(2 pi u2)              Box-Muller
+
+H is the "triple32" integer hash (xor-shift / multiply, full avalanche).
+Every intermediate stays below 2^49, so int64 arithmetic is exact on every
+backend. The seed lives in a (2,) int64 tensor so that a new seed each step
+is new data, not a new graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+MASK32 = 0xFFFFFFFF
+_TRIPLE32 = ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB))
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """x * c mod 2^32 for x in [0, 2^32), exact in int64 (16-bit halves of c)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
+
+
+def hash32(x: Tensor) -> Tensor:
+    """The triple32 hash of 32-bit values held in int64 (any shape)."""
+    for shift, mult in _TRIPLE32:
+        x = _mul32(x ^ (x >> shift), mult)
+    return x ^ (x >> 14)
+
+
+def seed_words(seed: int) -> Tensor:
+    """A Python seed (any int, reduced mod 2^64) as (2,) int64 32-bit words."""
+    seed %= 1 << 64
+    return torch.tensor([seed & MASK32, seed >> 32], dtype=torch.int64)
+
+
+def _uniform(bits: Tensor) -> Tensor:
+    """32-bit hashes -> float32 in (0, 1): the top 24 bits, centred."""
+    return ((bits >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+
+
+def group_normal(seed: Tensor, first_group: int, groups: int, shape: tuple[int, ...]) -> Tensor:
+    """(groups, *shape) float32 standard normals; row r is global group
+    `first_group + r`, and it is the same whichever call produces it.
+
+    Args:
+      seed: (2,) int64 words (`seed_words`), on the device to draw on.
+      first_group: global index of the first group (< 2^32).
+    """
+    n = math.prod(shape)
+    device = seed.device
+    key = hash32(hash32(seed[0]) ^ seed[1])
+    g = torch.arange(groups, device=device, dtype=torch.int64) + first_group
+    gkey = hash32(key ^ hash32(g & MASK32)).unsqueeze(1)                 # (groups, 1)
+    i = torch.arange(n, device=device, dtype=torch.int64).unsqueeze(0)   # (1, n)
+    u1 = _uniform(hash32(gkey ^ hash32((2 * i) & MASK32)))
+    u2 = _uniform(hash32(gkey ^ hash32((2 * i + 1) & MASK32)))
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    return z.view(groups, *shape)
