@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..models.config import ModelConfig
 from ..models.vit_moe import VisionTransformerMoe
+from ..moe.noise import seed_words
 from ..utils.io import atomic_directory, looks_like_pickle
 from ..utils.typed_config import from_dict, to_dict
 from ..utils.workdir import is_workdir, list_checkpoints
@@ -129,6 +130,8 @@ def from_pretrained(path: str, map_location: str = "cpu", **routing: Any) -> Vis
     check_state(model, state)
     _check_fingerprint(weights, model.config)
     model.load_state_dict(state, strict=True, assign=True)
+    for layer in model.moe_layers().values():  # buffers outside the state dict are still on meta
+        layer.noise_seed_words = seed_words(0).to(map_location)
     model.eval()
     if routing:
         model.set_routing(**routing)
