@@ -43,6 +43,11 @@ class RoutingConfig:
         router's reference default (off for sparse routers, always on in
         the reference's Soft MoE).
       ablate: return a zero MoE output (the residual alone), for analysis.
+      dropless: top-K routing without capacity: every choice is kept and the
+        experts run on exactly their tokens (sorted by expert, grouped
+        matmuls; `vmoe_torch.moe.dispatch.DroplessDispatcher`). The
+        capacity settings are then unused; a model trained with capacity
+        can be run dropless at inference, and trained dropless.
     """
 
     router: RouterName = "top_experts"
@@ -60,6 +65,7 @@ class RoutingConfig:
     gshard_loss_weight: float = 0.0
     bfloat16_dispatch: Optional[bool] = None
     ablate: bool = False
+    dropless: bool = False
 
     # ------------------------------------------------------------- derived
     @property
@@ -106,7 +112,7 @@ class RoutingConfig:
         if self.router not in ROUTERS:
             raise ValueError(f"Unknown router {self.router!r}: use one of {list(ROUTERS)}.")
         _check_type("num_selected_experts", self.num_selected_experts, int)
-        for name in ("batch_priority", "ablate"):
+        for name in ("batch_priority", "ablate", "dropless"):
             _check_type(name, getattr(self, name), bool)
         if self.bfloat16_dispatch is not None:
             _check_type("bfloat16_dispatch", self.bfloat16_dispatch, bool)
@@ -125,6 +131,9 @@ class RoutingConfig:
             _check_type("noise_std", self.noise_std, float)
             if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
                 raise ValueError(f"noise_std must be finite and >= 0, got {self.noise_std}.")
+        if self.dropless and self.router != "top_experts":
+            raise ValueError(f"dropless applies to the top_experts router; {self.router!r} has no "
+                             "dropped tokens to avoid (soft) or chooses tokens per expert (expert_choice).")
         if self.is_soft:
             self._validate_soft()
         else:

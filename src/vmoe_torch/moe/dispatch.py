@@ -110,6 +110,47 @@ class IndexDispatcher:
         return out.view(self.groups, self.group_size, dim)
 
 
+class DroplessDispatcher:
+    """Capacity-free dispatch for top-K routing: every (token, choice) pair
+    becomes one row, rows are sorted by expert (stable: token order within
+    an expert), and the experts run on their exact row counts with grouped
+    matmuls (`Experts.forward_grouped`). Nothing is dropped and no buffer is
+    padded; all groups are dispatched together. Combine is the index
+    dispatcher's gate-weighted sum over each token's K rows.
+
+    Attributes:
+      offsets: (E,) int32 end row of each expert's segment (device tensor).
+      row_expert: (G*S*K,) int64 expert of each sorted row.
+    """
+
+    def __init__(self, expert_index: Tensor, combine_weights: Tensor, num_experts: int) -> None:
+        groups, group_size, k = expert_index.shape
+        self.groups, self.group_size, self.k, self.num_experts = groups, group_size, k, num_experts
+        flat = expert_index.reshape(-1)                                   # (T*K,) choice-major per token
+        self.row_expert, order = torch.sort(flat, stable=True)
+        counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        self.offsets = counts.cumsum(0).to(torch.int32)
+        self.row_token = order // k                                       # token of each sorted row
+        self.choice_row = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
+        self.weights = combine_weights                                    # (G, S, K)
+
+    def dispatch(self, x: Tensor) -> Tensor:
+        """(G, S, D) -> (G*S*K, D) rows sorted by expert."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.row_token)
+
+    def combine(self, y: Tensor) -> Tensor:
+        """(G*S*K, D) expert outputs -> (G, S, D)."""
+        dim = y.shape[-1]
+        gathered = y.index_select(0, self.choice_row).view(self.groups * self.group_size, self.k, dim)
+        w = self.weights.reshape(-1, self.k, 1).to(gathered.dtype)
+        if self.k == 1:
+            out = gathered[:, 0] * w[:, 0]
+        else:
+            out = torch.bmm(w.transpose(1, 2), gathered).squeeze(1)
+        return out.view(self.groups, self.group_size, dim)
+
+
 class ExpertChoiceDispatcher:
     """Gather/scatter-add dispatcher for expert-choice routing: an item may
     sit in any number of experts' buffers (or none)."""

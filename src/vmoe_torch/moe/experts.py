@@ -43,5 +43,35 @@ class Experts(nn.Module):
         h = self.dropout(F.gelu(h, approximate=self.approximate))
         return self.dropout(torch.baddbmm(self.b2.unsqueeze(1).to(h.dtype), h, self.w2.to(h.dtype)))
 
+    def forward_grouped(self, x: Tensor, offsets: Tensor, row_expert: Tensor) -> Tensor:
+        """(R, D) rows sorted by expert -> (R, D). Expert e takes rows
+        [offsets[e-1], offsets[e]); `row_expert` (R,) names each row's expert.
+
+        Uses `torch.nn.functional.grouped_mm` where this torch has it (no
+        host sync; CPU float32/bfloat16, CUDA bfloat16); elsewhere a loop over
+        the experts' segments, which reads the segment sizes on the host."""
+        if _grouped_mm_ok(x):
+            h = F.grouped_mm(x, self.w1.to(x.dtype), offs=offsets)
+            h = h + self.b1.index_select(0, row_expert).to(h.dtype)
+            h = self.dropout(F.gelu(h, approximate=self.approximate))
+            y = F.grouped_mm(h, self.w2.to(h.dtype), offs=offsets)
+            return self.dropout(y + self.b2.index_select(0, row_expert).to(y.dtype))
+        sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+        outs = []
+        for e, part in enumerate(x.split(sizes)):
+            h = torch.addmm(self.b1[e].to(part.dtype), part, self.w1[e].to(part.dtype))
+            h = self.dropout(F.gelu(h, approximate=self.approximate))
+            outs.append(self.dropout(torch.addmm(self.b2[e].to(h.dtype), h, self.w2[e].to(h.dtype))))
+        return torch.cat(outs)
+
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, mlp_dim={self.mlp_dim}"
+
+
+def _grouped_mm_ok(x: Tensor) -> bool:
+    """Whether F.grouped_mm serves x's device and dtype in this torch."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16)
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16

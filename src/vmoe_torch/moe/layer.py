@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import RoutingConfig, check_group_size
+from .dispatch import DroplessDispatcher
 from .experts import Experts
 from .noise import group_normal, seed_words
 from .routers import DISPATCH_IMPLS, Router, SoftRouter, TopExpertsRouter, _GatingRouter, build_router
@@ -233,7 +234,15 @@ class MoeMlp(nn.Module):
         if self.routing.ablate:
             return torch.zeros_like(x), {"auxiliary_loss_per_group": x.new_zeros(x.shape[0])}
         dispatcher, metrics = self.router(x, noise, self.generator)
-        y = dispatcher.combine(self.experts(dispatcher.dispatch(x)))
+        inner = getattr(dispatcher, "inner", dispatcher)
+        if isinstance(inner, DroplessDispatcher):
+            if not isinstance(self.experts, Experts):
+                raise ValueError("dropless routing is not supported with expert parallelism yet: "
+                                 "route with a capacity (set_routing(dropless=False)).")
+            rows = dispatcher.dispatch(x)
+            y = dispatcher.combine(self.experts.forward_grouped(rows, inner.offsets, inner.row_expert))
+        else:
+            y = dispatcher.combine(self.experts(dispatcher.dispatch(x)))
         if self.recorded is not None:
             self._record(dispatcher)
         return y.to(x.dtype), metrics

@@ -27,6 +27,7 @@ from .config import RoutingConfig
 from .dispatch import (
     Bfloat16Dispatcher,
     Dispatcher,
+    DroplessDispatcher,
     EinsumDispatcher,
     ExpertChoiceDispatcher,
     IndexDispatcher,
@@ -39,6 +40,7 @@ from .routing import (
     gshard_loss,
     importance_loss,
     load_loss,
+    sorted_top_k,
     top_experts_per_item,
     top_items_metrics,
     top_items_per_expert,
@@ -225,6 +227,8 @@ class TopExpertsRouter(_GatingRouter):
                 generator: Optional[torch.Generator] = None) -> tuple[Dispatcher, Metrics]:
         r = self.config
         gates, metrics = self.gates(x, noise, generator)
+        if r.dropless:
+            return self._dropless(gates, metrics)
         capacity = self.capacity(x.shape[1])
         plan = top_experts_per_item(gates, r.num_selected_experts, capacity,
                                     r.batch_priority, r.priority, generator)
@@ -236,6 +240,19 @@ class TopExpertsRouter(_GatingRouter):
         metrics.update(routing_stats(plan, self.num_experts))
         metrics["capacity"] = torch.tensor(capacity)
         return self.wrap(dispatcher), metrics
+
+
+    def _dropless(self, gates: Tensor, metrics: Metrics) -> tuple[Dispatcher, Metrics]:
+        """Every top-K choice kept: the plan's buffer index is a choice's rank
+        among its expert's choices, and its capacity the largest such count."""
+        groups, size, _ = gates.shape
+        k = self.config.num_selected_experts
+        top_gates, expert_index = sorted_top_k(gates, k)
+        plan = TopExpertsRouting(expert_index=expert_index, buffer_index=torch.zeros_like(expert_index),
+                                 combine_weights=top_gates, capacity=1, num_experts=self.num_experts)
+        metrics.update(routing_stats(plan, self.num_experts))
+        metrics["capacity"] = (metrics["expert_load"] * (size * k)).amax().round().long()  # fullest buffer
+        return self.wrap(DroplessDispatcher(expert_index, top_gates, self.num_experts)), metrics
 
 
 class ExpertChoiceRouter(_GatingRouter):
