@@ -14,6 +14,12 @@ layer's compute (E*p ~ tokens * K * 1.05), against the expert MLP alone on
 its E*G*p slots. Soft MoE adds two dense (S x E*p) mixing matmuls per group
 and the bfloat16 rounding the reference applies around the experts.
 
+Dropless rows (`--dropless-only`, same run): the layer at C = 1.05 against
+the same layer with `dropless=True` (every choice kept, rows sorted by expert,
+grouped matmuls), the dropless layer with its fallback loop over experts, and
+the expert MLP alone on exactly the G*S*K routed rows (grouped matmuls): the
+floor of any capacity-free layer.
+
 Usage: python benchmarks/moe_layer.py [--repeats 5] [--shapes S32 B16] [--threads 2]
 """
 from __future__ import annotations
@@ -111,6 +117,45 @@ def bench_soft(shape: str, experts: int, k: int, repeats: int) -> dict:
                 soft_over_experts=t["soft"] / t["experts"], soft32_over_experts=t["soft32"] / t["experts"])
 
 
+def bench_dropless(shape: str, experts: int, k: int, repeats: int) -> dict:
+    from vmoe_torch.moe import experts as experts_module
+    group_size, groups, dim, hidden = SHAPES[shape]
+    torch.manual_seed(0)
+    layer = MoeMlp(dim, hidden, experts, num_selected_experts=k, capacity_factor=1.05,
+                   group_size=group_size).train()
+    layer.noise_seed = 0
+    x = torch.randn(groups, group_size, dim, requires_grad=True)
+    rows = groups * group_size * k
+    counts = torch.full((experts,), rows // experts)
+    counts[: rows % experts] += 1
+    offsets = counts.cumsum(0).to(torch.int32)
+    row_expert = torch.repeat_interleave(torch.arange(experts), counts)
+    buf = torch.randn(rows, dim, requires_grad=True)
+
+    def run(dropless: bool):
+        layer.set_routing(dropless=dropless)
+        y, m = layer(x)
+        (y.square().mean() + m["auxiliary_loss"]).backward()
+
+    def run_loop():
+        ok = experts_module._grouped_mm_ok
+        experts_module._grouped_mm_ok = lambda t: False
+        try:
+            run(True)
+        finally:
+            experts_module._grouped_mm_ok = ok
+
+    def run_rows():
+        layer.experts.forward_grouped(buf, offsets, row_expert).square().mean().backward()
+
+    t = timed({"capacity": lambda: run(False), "dropless": lambda: run(True), "loop": run_loop,
+               "rows": run_rows}, repeats)
+    return dict(shape=shape, E=experts, K=k, C=layer.capacity_for(group_size), cap_ms=t["capacity"] * 1e3,
+                dropless_ms=t["dropless"] * 1e3, loop_ms=t["loop"] * 1e3, rows_ms=t["rows"] * 1e3,
+                dropless_over_cap=t["dropless"] / t["capacity"], dropless_over_rows=t["dropless"] / t["rows"],
+                loop_over_dropless=t["loop"] / t["dropless"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
@@ -119,14 +164,21 @@ def main() -> None:
     ap.add_argument("--experts", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--k", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--soft-only", action="store_true", help="only the Soft MoE rows")
+    ap.add_argument("--dropless-only", action="store_true", help="only the dropless rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, median of {args.repeats}; "
           f"CPU capability: {torch.backends.cpu.get_cpu_capability()}")
+    if args.dropless_only:
+        _table(args, bench_dropless, DROPLESS_TABLE)
+        return
     if not args.soft_only:
         sparse_rows(args)
     print()
     soft_rows(args)
+    if not args.soft_only:
+        print()
+        _table(args, bench_dropless, DROPLESS_TABLE)
 
 
 SPARSE_TABLE = ("| shape | E | K | C | MoE layer (ms) | expert MLP alone (ms) | einsum MoE (ms) "
@@ -137,6 +189,12 @@ SOFT_TABLE = ("| Soft MoE shape | E | matched K | slots p | Soft MoE layer (ms) 
               "| Soft MoE, fp32 dispatch (ms) | Soft MoE / experts | fp32 dispatch / experts |",
               ("shape", "E", "K", "p", "soft_ms", "experts_ms", "soft32_ms", "soft_over_experts",
                "soft32_over_experts"))
+
+DROPLESS_TABLE = ("| dropless shape | E | K | C (capacity path) | C=1.05 layer (ms) | dropless layer (ms) "
+                  "| dropless, loop fallback (ms) | expert MLP on the routed rows (ms) | dropless / C=1.05 "
+                  "| dropless / rows | loop / grouped |",
+                  ("shape", "E", "K", "C", "cap_ms", "dropless_ms", "loop_ms", "rows_ms", "dropless_over_cap",
+                   "dropless_over_rows", "loop_over_dropless"))
 
 
 def sparse_rows(args: argparse.Namespace) -> None:

@@ -8,7 +8,12 @@
 Each figure is the median over timed steps (forward, backward, AdamW
 update) after warm-up steps.
 
-Usage: python benchmarks/train_step.py [--threads 2] [--steps 5] [--skip-s32]
+With --compile: eager against `torch.compile(model, dynamic=True,
+fullgraph=True)` (inductor; the router-noise seed changes every step, as in
+training) for the demo V-MoE and V-MoE-S/32, fp32, in one run, with the
+time of the first (compiling) step.
+
+Usage: python benchmarks/train_step.py [--threads 2] [--steps 5] [--skip-s32] [--compile]
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,17 +32,20 @@ from vmoe_torch.config import load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"   # the demo's model settings come from here
 
 
-def images_per_s(name: str, batch: int, image: int, bf16: bool, steps: int, warmup: int, **kw) -> float:
+def images_per_s(name: str, batch: int, image: int, bf16: bool, steps: int, warmup: int,
+                 compile: bool = False, first: Optional[list] = None, **kw) -> float:
     torch.manual_seed(0)
     model = create_model(name, image_size=image, **kw).train()
+    forward = torch.compile(model, dynamic=True, fullgraph=True) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, image, image)
     y = torch.randint(0, model.config.num_classes, (batch,))
     times = []
     for i in range(warmup + steps):
+        model.set_noise_seed(i)
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, metrics = model(x, return_metrics=True)
+            logits, metrics = forward(x, return_metrics=True)
         members = logits.shape[0] // batch  # E^3: one row per (image, member)
         loss = F.cross_entropy(logits.float(), y.repeat_interleave(members)) + metrics["auxiliary_loss"]
         loss.backward()
@@ -44,7 +53,24 @@ def images_per_s(name: str, batch: int, image: int, bf16: bool, steps: int, warm
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t)
+        elif i == 0 and first is not None:
+            first.append(time.perf_counter() - t)
     return batch / statistics.median(times)
+
+
+def compile_rows(args: argparse.Namespace, demo: dict) -> None:
+    print("| model | batch | px | eager images/s | compiled images/s | compiled / eager | first compiled step (s) |")
+    print("|---|---|---|---|---|---|---|")
+    cases = [("demo V-MoE-Mi/8 Every 1, E=8 K=2", demo["moe"].model.name, demo["moe"].data.batch_size,
+              demo["moe"].data.image_size, demo["moe"].model.overrides)]
+    if not args.skip_s32:
+        cases.append(("V-MoE-S/32, E=8, K=2, Last 2", "vmoe_s32_last2", 32, 224, {}))
+    for label, name, batch, px, kw in cases:
+        eager = images_per_s(name, batch, px, False, args.steps, args.warmup, **kw)
+        first: list = []
+        compiled = images_per_s(name, batch, px, False, args.steps, args.warmup, compile=True, first=first, **kw)
+        print(f"| {label} | {batch} | {px} | {eager:.1f} | {compiled:.1f} | {compiled / eager:.2f} | "
+              f"{first[0]:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -54,15 +80,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-s32", action="store_true")
     ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="only the eager vs torch.compile rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps")
-    print("| model | batch | px | precision | images/s | ratio to dense |")
-    print("|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     labels = {"moe": "demo V-MoE-Mi/8 Every 1, E=8 K=2", "soft_moe": "demo Soft MoE-Mi/8, E=8, p=7",
               "eee": "demo E^3-Mi/8, E=8 K=1 M=2"}
     demo = {name: load_config(str(CONFIGS / f"demo_{name}.yaml")) for name in ("dense", *labels)}
+    if args.compile:
+        compile_rows(args, demo)
+        return
     batch, px = demo["moe"].data.batch_size, demo["moe"].data.image_size
+    print("| model | batch | px | precision | images/s | ratio to dense |")
+    print("|---|---|---|---|---|---|")
     for bf16 in ([False] if args.skip_bf16 else [False, True]):
         prec = "bf16 autocast" if bf16 else "fp32"
         dense = images_per_s(demo["dense"].model.name, batch, px, bf16, args.steps, args.warmup,
