@@ -57,11 +57,12 @@ class Experts(nn.Module):
             y = F.grouped_mm(h, self.w2.to(h.dtype), offs=offsets)
             return self.dropout(y + self.b2.index_select(0, row_expert).to(y.dtype))
         sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+        # unbind: one stacked gradient per parameter in the backward, not E full-size ones
+        w1, b1, w2, b2 = (p.to(x.dtype).unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
         outs = []
         for e, part in enumerate(x.split(sizes)):
-            h = torch.addmm(self.b1[e].to(part.dtype), part, self.w1[e].to(part.dtype))
-            h = self.dropout(F.gelu(h, approximate=self.approximate))
-            outs.append(self.dropout(torch.addmm(self.b2[e].to(h.dtype), h, self.w2[e].to(h.dtype))))
+            h = self.dropout(F.gelu(torch.addmm(b1[e], part, w1[e]), approximate=self.approximate))
+            outs.append(self.dropout(torch.addmm(b2[e], h, w2[e])))
         return torch.cat(outs)
 
     def extra_repr(self) -> str:
