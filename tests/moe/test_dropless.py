@@ -109,3 +109,12 @@ def test_dropless_names_expert_parallelism_as_unsupported():
     layer.experts = Remote()
     with pytest.raises(ValueError, match="not supported with expert parallelism"):
         layer(torch.randn(2, 8, 16))
+
+
+def test_dropless_under_compile_in_float32_names_the_limit():
+    import torch._dynamo
+    torch._dynamo.reset()
+    _, layer = _pair(4, 2, 8)
+    compiled = torch.compile(layer, fullgraph=True)
+    with pytest.raises(Exception, match="need bfloat16 rows"):
+        compiled(torch.randn(2, 8, 16))

@@ -49,7 +49,13 @@ class Experts(nn.Module):
 
         Uses `torch.nn.functional.grouped_mm` where this torch has it (no
         host sync; CPU float32/bfloat16, CUDA bfloat16); elsewhere a loop over
-        the experts' segments, which reads the segment sizes on the host."""
+        the experts' segments, which reads the segment sizes on the host.
+        Under torch.compile only bfloat16 rows are supported (torch's
+        compiled grouped_mm)."""
+        if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+            raise NotImplementedError(
+                f"Dropless experts under torch.compile need bfloat16 rows, got {x.dtype}: torch's compiled "
+                "grouped_mm takes bfloat16 only. Run the dropless layer eagerly, or route with a capacity.")
         if _grouped_mm_ok(x):
             h = F.grouped_mm(x, self.w1.to(x.dtype), offs=offsets)
             h = h + self.b1.index_select(0, row_expert).to(h.dtype)
