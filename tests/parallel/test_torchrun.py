@@ -25,7 +25,7 @@ def _env(**kw):
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **kw)
 
 
-def _train(workdir, nproc, extra=(), env=None, max_restarts=0, kill=None):
+def _train(workdir, nproc, extra=(), env=None, max_restarts=0, kill=None, flags=("--expert-parallel",)):
     """`kill=(step, rank)`: run through fault_entry.py, which SIGKILLs that rank."""
     args = ["train", "--workdir", str(workdir), *_sets(extra)]
     entry = ["-m", "vmoe_torch.cli.main"]
@@ -35,7 +35,7 @@ def _train(workdir, nproc, extra=(), env=None, max_restarts=0, kill=None):
         cmd = [sys.executable, *entry, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               f"--max-restarts={max_restarts}", *entry, *args, "--expert-parallel"]
+               f"--max-restarts={max_restarts}", *entry, *args, *flags]
     proc = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:  # keep the whole log: a rare failure must be diagnosable
         log = os.path.join(str(workdir), "..", f"{os.path.basename(str(workdir))}-stderr.log")
@@ -74,6 +74,28 @@ def test_resume_on_other_world_sizes(tmp_path, reference):
     # The expert-parallel checkpoint exports to the from_pretrained format.
     import vmoe_torch
     model = vmoe_torch.from_pretrained(str(tmp_path / "resume4" / "final"))
+    assert model.moe_layers()["encoderblock_0"].experts.w1.shape[0] == 4
+
+
+@pytest.mark.parametrize("flags, world, resume_worlds", [
+    (("--fsdp", "--expert-parallel"), 2, (4, 1)),    # experts over all ranks, the rest FSDP-sharded
+    (("--fsdp",), 2, (4,)),                          # FSDP data parallel (experts FSDP-sharded too)
+], ids=["fsdp_ep", "fsdp_dp"])
+def test_fsdp_resume_on_other_world_sizes(tmp_path, reference, flags, world, resume_worlds):
+    first = tmp_path / "first"
+    _train(first, world, ["train.steps=3"], flags=flags)
+    for step in (1, 2, 3):
+        assert _losses(first)[step] == pytest.approx(reference[step], abs=1e-5)
+    for resume in resume_worlds:
+        wd = tmp_path / f"resume{resume}"
+        shutil.copytree(first, wd)
+        _train(wd, resume, flags=flags)
+        got = _losses(wd)
+        assert sorted(got) == list(range(1, STEPS + 1))
+        for step in range(4, STEPS + 1):
+            assert got[step] == pytest.approx(reference[step], abs=1e-5), (flags, resume, step)
+    import vmoe_torch
+    model = vmoe_torch.from_pretrained(str(tmp_path / f"resume{resume_worlds[0]}" / "final"))
     assert model.moe_layers()["encoderblock_0"].experts.w1.shape[0] == 4
 
 

@@ -33,6 +33,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-parallel", action="store_true",
                    help="under torchrun: shard every MoE layer's experts over the ranks "
                         "(train.expert_parallel=true); without it, torchrun runs data parallel")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: FSDP2-shard the non-expert parameters over all ranks "
+                        "(train.fsdp=true); with --expert-parallel the experts are sharded too "
+                        "(train.expert_shards ranks per expert group, default all)")
     p.set_defaults(func=run_train)
 
     p = sub.add_parser("finetune", help="fine-tune from a checkpoint (new head, new resolution, freezing)",
@@ -98,6 +102,8 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
 
 def run_train(args: argparse.Namespace) -> int:
     extra = ["train.expert_parallel=true"] if args.expert_parallel else []
+    if args.fsdp:
+        extra.append("train.fsdp=true")
     return _fit(_load(args, extra), args)
 
 

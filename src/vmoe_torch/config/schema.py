@@ -81,6 +81,8 @@ class TrainConfig:
     threads: Optional[int] = None
     device: str = "auto"          # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     expert_parallel: bool = False  # under torchrun: shard experts over the ranks (else data parallel)
+    fsdp: bool = False             # under torchrun: FSDP2 over all ranks (+ expert parallelism, see expert_shards)
+    expert_shards: Optional[int] = None  # with fsdp: ranks per expert group P (None: W with expert_parallel, else 1)
     compile: bool = False          # torch.compile(dynamic=True, fullgraph=True) of the training forward
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": capture only, for debugging)
     log_every: int = 10
@@ -188,9 +190,11 @@ def validate(cfg: ExperimentConfig) -> None:
         (cfg.data.mixup_alpha >= 0, "data.mixup_alpha must be >= 0."),
         (cfg.data.name == "digits" or bool(cfg.data.path),
          f"data.path is required for data.name={cfg.data.name!r}."),
-        (not (cfg.train.compile and cfg.train.expert_parallel),
-         "train.compile is not supported with train.expert_parallel yet (the all-to-all exchange is "
-         "not compiled); use one of them."),
+        (cfg.train.expert_shards is None or cfg.train.fsdp,
+         "train.expert_shards applies with train.fsdp=true only."),
+        (not (cfg.train.compile and (cfg.train.expert_parallel or cfg.train.fsdp)),
+         "train.compile is not supported with train.expert_parallel or train.fsdp yet (the "
+         "all-to-all exchange and the FSDP hooks are not compiled); use one of them."),
     ]
     for ok, message in checks:
         if not ok:

@@ -23,6 +23,7 @@ import yaml
 from ..config.schema import ExperimentConfig, config_to_dict
 from ..convert.pretrained import load_model, load_state_strict, save_pretrained
 from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model_range
+from ..distributed import fsdp
 from ..distributed.expert_parallel import (
     check_expert_parallel,
     clip_grad_norm_distributed,
@@ -109,7 +110,12 @@ class Trainer:
         # Everything that can fail on bad config or data fails here, before any work.
         self.device = resolve_device(cfg.train.device)
         self.rank, self.world = init_from_env(self.device)
-        self.expert_parallel = cfg.train.expert_parallel and self.world > 1
+        self.expert_parallel = cfg.train.expert_parallel and self.world > 1 and not cfg.train.fsdp
+        self.fsdp = cfg.train.fsdp and self.world > 1
+        self.sharded = self.expert_parallel or self.fsdp  # the model state is spread over the ranks
+        self.expert_shards = 1
+        if self.fsdp:
+            self.expert_shards = cfg.train.expert_shards or (self.world if cfg.train.expert_parallel else 1)
         if cfg.data.batch_size % (self.world * cfg.train.grad_accum):
             raise ValueError(f"data.batch_size={cfg.data.batch_size} must be a multiple of world size "
                              f"{self.world} x train.grad_accum {cfg.train.grad_accum}.")
@@ -124,6 +130,11 @@ class Trainer:
                                                backend=cfg.train.compile_backend)
         if self.expert_parallel:
             check_expert_parallel(self.model, self.world)
+        if self.fsdp:
+            if self.world % self.expert_shards:
+                raise ValueError(f"train.expert_shards={self.expert_shards} must divide the world size "
+                                 f"{self.world}.")
+            check_expert_parallel(self.model, self.expert_shards)
         self._check_image_size()
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.loss_fn = LOSSES[cfg.train.loss]
@@ -180,15 +191,20 @@ class Trainer:
                 _, model_state, opt_state, state = found
                 load_state_strict(self.model, model_state)
                 start = int(state["step"])
-        if self.expert_parallel:
+        if self.fsdp:
+            fsdp.fsdp_expert_parallel(self.model, fsdp.parallel_mesh(self.expert_shards, self.device.type))
+        elif self.expert_parallel:
             expert_parallel(self.model)
         elif self.world > 1:
             data_parallel(self.model)
         self._warn_split_groups()
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
         if opt_state is not None:
-            self.optimizer.load_state_dict(shard_optimizer_state(opt_state, self.optimizer, self.model)
-                                           if self.expert_parallel else opt_state)
+            if self.fsdp:
+                opt_state = fsdp.shard_optimizer_state(opt_state, self.optimizer, self.model)
+            elif self.expert_parallel:
+                opt_state = shard_optimizer_state(opt_state, self.optimizer, self.model)
+            self.optimizer.load_state_dict(opt_state)
         self._commit_workdir(restart)
         return start
 
@@ -217,19 +233,26 @@ class Trainer:
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """The unsharded model state (a collective call under expert parallelism)."""
+        if self.fsdp:
+            return fsdp.full_state_dict(self.model)
         return gather_state_dict(self.model) if self.expert_parallel else self.model.state_dict()
 
     def _save(self, step: int) -> Optional[str]:
         model_state = self.full_state()
         assert self.optimizer is not None
-        opt_state = (gather_optimizer_state(self.optimizer, self.model) if self.expert_parallel
-                     else self.optimizer.state_dict())
+        if self.fsdp:
+            opt_state = fsdp.gather_optimizer_state(self.optimizer, self.model)
+        elif self.expert_parallel:
+            opt_state = gather_optimizer_state(self.optimizer, self.model)
+        else:
+            opt_state = self.optimizer.state_dict()
         path = None
         if self.rank == 0:
             path = save_checkpoint(self.workdir, step, model_state, opt_state,
                                    {"data_position": {"step": step, "batch_size": self.cfg.data.batch_size,
                                                       "seed": self.cfg.data.seed},
-                                    "world_size": self.world, "expert_parallel": self.expert_parallel},
+                                    "world_size": self.world, "expert_parallel": self.expert_parallel,
+                                    "fsdp": self.fsdp, "expert_shards": self.expert_shards},
                                    keep=self.cfg.train.keep_checkpoints)
             meta = {"format": "vmoe-torch", "format_version": 1, "model": to_dict(self.model.config)}
             atomic_write_json(os.path.join(path, "config.json"), meta)
@@ -346,7 +369,7 @@ class Trainer:
         if self._stop_signal is not None:
             summary["signal"] = int(self._stop_signal)
             return summary
-        if self.expert_parallel:  # evaluate and export an unsharded copy on rank 0
+        if self.sharded:  # evaluate and export an unsharded copy on rank 0
             state = self.full_state()
             if self.rank == 0:
                 full = VisionTransformerMoe(self.model.config).to(self.device)
@@ -392,7 +415,10 @@ class Trainer:
             for key, value in metrics.items() if collect_routing else ():
                 if "/" in key and key.split("/")[1] in _ROUTING_LOG:
                     routing.setdefault(key, []).append(value.detach().float().mean(0))
-        if self.world > 1:
+        if self.fsdp:  # FSDP has averaged the non-expert gradients in the backward
+            fsdp.sync_expert_gradients(self.model)
+            grad_norm = fsdp.clip_grad_norm_fsdp(self.model, cfg.optim.grad_clip_norm)
+        elif self.world > 1:
             sync_gradients(self.model)
             grad_norm = clip_grad_norm_distributed(self.model, cfg.optim.grad_clip_norm)
         else:
