@@ -77,19 +77,20 @@ def test_resume_on_other_world_sizes(tmp_path, reference):
     assert model.moe_layers()["encoderblock_0"].experts.w1.shape[0] == 4
 
 
-@pytest.mark.parametrize("flags, world, resume_worlds", [
-    (("--fsdp", "--expert-parallel"), 2, (4, 1)),    # experts over all ranks, the rest FSDP-sharded
-    (("--fsdp",), 2, (4,)),                          # FSDP data parallel (experts FSDP-sharded too)
-], ids=["fsdp_ep", "fsdp_dp"])
-def test_fsdp_resume_on_other_world_sizes(tmp_path, reference, flags, world, resume_worlds):
+@pytest.mark.parametrize("flags, world, resume_worlds, extra", [
+    (("--fsdp", "--expert-parallel"), 2, (4, 1), ()),  # experts over all ranks, the rest FSDP-sharded
+    (("--fsdp",), 2, (4,), ()),                        # FSDP data parallel (experts FSDP-sharded too)
+    (("--fsdp",), 4, (2,), ("train.expert_shards=2",)),  # a 2 x 2 mesh: experts over 2, replicated over 2
+], ids=["fsdp_ep", "fsdp_dp", "fsdp_2x2"])
+def test_fsdp_resume_on_other_world_sizes(tmp_path, reference, flags, world, resume_worlds, extra):
     first = tmp_path / "first"
-    _train(first, world, ["train.steps=3"], flags=flags)
+    _train(first, world, ["train.steps=3", *extra], flags=flags)
     for step in (1, 2, 3):
         assert _losses(first)[step] == pytest.approx(reference[step], abs=1e-5)
     for resume in resume_worlds:
         wd = tmp_path / f"resume{resume}"
         shutil.copytree(first, wd)
-        _train(wd, resume, flags=flags)
+        _train(wd, resume, flags=flags)  # re-sharded for another mesh (the 2 x 2 run resumes with P = 1)
         got = _losses(wd)
         assert sorted(got) == list(range(1, STEPS + 1))
         for step in range(4, STEPS + 1):
