@@ -100,19 +100,20 @@ def clip_grad_norm_fsdp(model: nn.Module, max_norm: Optional[float]) -> torch.Te
     `sync_expert_gradients`): each FSDP shard counts once, each expert once.
     Returns the norm before clipping (0-dim float64); no host sync."""
     mesh = _mesh(model)
-    sharded = torch.zeros((), dtype=torch.float64)
-    experts = torch.zeros((), dtype=torch.float64)
-    grads = []
+    grads, is_expert = [], []
     for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        g = p.grad
-        local = g.to_local() if isinstance(g, DTensor) else g
-        grads.append(local)
-        if is_expert_param(name):
-            experts += local.double().square().sum().cpu()
+        if p.grad is not None:
+            g = p.grad
+            grads.append(g.to_local() if isinstance(g, DTensor) else g)
+            is_expert.append(is_expert_param(name))
+    device = grads[0].device if grads else torch.device("cpu")
+    sharded = torch.zeros((), dtype=torch.float64, device=device)  # summed where the gradients live
+    experts = torch.zeros((), dtype=torch.float64, device=device)
+    for g, expert in zip(grads, is_expert):
+        if expert:
+            experts += g.double().square().sum()
         else:
-            sharded += local.double().square().sum().cpu()
+            sharded += g.double().square().sum()
     dist.all_reduce(sharded)                           # shards are disjoint over all W ranks
     if mesh.size(1) > 1:
         dist.all_reduce(experts, group=mesh.get_group("ep"))  # each expert lives on one rank of its ep group
@@ -124,26 +125,34 @@ def clip_grad_norm_fsdp(model: nn.Module, max_norm: Optional[float]) -> torch.Te
     return total
 
 
+def _gather_experts(mesh: DeviceMesh, value: torch.Tensor) -> torch.Tensor:
+    """This rank's expert slice -> all E experts (all_gather over "ep")."""
+    if mesh.size(1) == 1:
+        return value
+    parts = [torch.empty_like(value) for _ in range(mesh.size(1))]
+    dist.all_gather(parts, value.contiguous(), group=mesh.get_group("ep"))
+    return torch.cat(parts)
+
+
 @torch.no_grad()
+def unsharded(model: nn.Module, name: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """(name in the unsharded model, full tensor) of one entry of the sharded
+    model's state (or of a gradient under its parameter's name): an FSDP
+    shard all-gathered, an expert slice gathered over its "ep" group. A
+    collective call: every rank calls it for the same names."""
+    if isinstance(value, DTensor):
+        return name, value.full_tensor()
+    local = _local_name(name)
+    if local is None:
+        return name, value
+    return f"{local[0]}.{local[1]}", _gather_experts(_mesh(model), value)
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded single-process state_dict, on every rank (FSDP shards
-    all-gathered, experts gathered over their "ep" group), names as in the
-    unsharded model. For tests and small models: it materialises the whole
-    state on every rank."""
-    mesh = _mesh(model)
-    out = {}
-    for name, value in model.state_dict().items():
-        if isinstance(value, DTensor):
-            out[name] = value.full_tensor()
-            continue
-        local = _local_name(name)
-        if local is None:
-            out[name] = value
-            continue
-        parts = [torch.empty_like(value) for _ in range(mesh.size(1))]
-        dist.all_gather(parts, value.contiguous(), group=mesh.get_group("ep"))
-        out[f"{local[0]}.{local[1]}"] = torch.cat(parts)
-    return out
+    """The unsharded single-process state_dict, on every rank, names as in
+    the unsharded model. For tests and small models: it materialises the
+    whole state on every rank."""
+    return dict(unsharded(model, name, value) for name, value in model.state_dict().items())
 
 
 def local_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[int, int]:
@@ -183,10 +192,8 @@ def gather_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module) -> dict
         for key, value in s.items():
             if isinstance(value, DTensor):
                 value = value.full_tensor()
-            elif kind == "expert" and torch.is_tensor(value) and value.dim() > 0 and mesh.size(1) > 1:
-                parts = [torch.empty_like(value) for _ in range(mesh.size(1))]
-                dist.all_gather(parts, value.contiguous(), group=mesh.get_group("ep"))
-                value = torch.cat(parts)
+            elif kind == "expert" and torch.is_tensor(value) and value.dim() > 0:
+                value = _gather_experts(mesh, value)
             out[key] = value
         state[int(idx)] = out
     return {"state": state, "param_groups": sd["param_groups"]}

@@ -40,6 +40,20 @@ def round_to_bfloat16(x: Tensor) -> Tensor:
     return x.to(torch.bfloat16).to(x.dtype) if x.is_floating_point() else x
 
 
+def gate_weighted_sum(rows: Tensor, weights: Tensor) -> Tensor:
+    """(G*S*K, D) expert outputs, token-major (token t's K choices at rows
+    t*K .. t*K+K-1), and (G, S, K) gates -> (G, S, D) gate-weighted sums."""
+    groups, group_size, k = weights.shape
+    dim = rows.shape[-1]
+    rows = rows.view(groups * group_size, k, dim)
+    w = weights.reshape(-1, k, 1).to(rows.dtype)
+    if k == 1:
+        out = rows[:, 0] * w[:, 0]
+    else:
+        out = torch.bmm(w.transpose(1, 2), rows).squeeze(1)
+    return out.view(groups, group_size, dim)
+
+
 class Bfloat16Dispatcher:
     """Wraps any dispatcher: tokens are rounded to bfloat16 before they are
     dispatched and expert outputs before they are combined; the combine
@@ -101,13 +115,7 @@ class IndexDispatcher:
         # A dropped choice read slot 0 above; zero it so that a non-finite value
         # there (another token's) cannot leak in through 0 * NaN.
         gathered = gathered.masked_fill(self.dropped, 0.0)
-        gathered = gathered.view(self.groups * self.group_size, self.k, dim)
-        w = self.weights.reshape(-1, self.k, 1).to(gathered.dtype)
-        if self.k == 1:
-            out = gathered[:, 0] * w[:, 0]
-        else:
-            out = torch.bmm(w.transpose(1, 2), gathered).squeeze(1)
-        return out.view(self.groups, self.group_size, dim)
+        return gate_weighted_sum(gathered, self.weights)
 
 
 class DroplessDispatcher:
@@ -141,14 +149,7 @@ class DroplessDispatcher:
 
     def combine(self, y: Tensor) -> Tensor:
         """(G*S*K, D) expert outputs -> (G, S, D)."""
-        dim = y.shape[-1]
-        gathered = y.index_select(0, self.choice_row).view(self.groups * self.group_size, self.k, dim)
-        w = self.weights.reshape(-1, self.k, 1).to(gathered.dtype)
-        if self.k == 1:
-            out = gathered[:, 0] * w[:, 0]
-        else:
-            out = torch.bmm(w.transpose(1, 2), gathered).squeeze(1)
-        return out.view(self.groups, self.group_size, dim)
+        return gate_weighted_sum(y.index_select(0, self.choice_row), self.weights)
 
 
 class ExpertChoiceDispatcher:
