@@ -16,7 +16,7 @@ import time
 import torch
 
 from vmoe_torch.config import load_config
-from vmoe_torch.convert.pretrained import load_model
+from vmoe_torch.convert.checkpoints import load_model
 from vmoe_torch.data.pipeline import build_datasets, eval_batches
 from vmoe_torch.evaluate.classification import evaluate_classification
 

@@ -1,5 +1,6 @@
-"""`vmoe train --expert-parallel` under torchrun: re-sharding on resume and
-recovery from a killed rank with --max-restarts."""
+"""`vmoe train --expert-parallel` / `--fsdp` under torchrun: sharded (DCP)
+checkpoints, re-sharding on resume, recovery from a killed rank with
+--max-restarts, and kills during a checkpoint's save."""
 from __future__ import annotations
 
 import json
@@ -25,18 +26,23 @@ def _env(**kw):
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **kw)
 
 
-def _train(workdir, nproc, extra=(), env=None, max_restarts=0, kill=None, flags=("--expert-parallel",)):
-    """`kill=(step, rank)`: run through fault_entry.py, which SIGKILLs that rank."""
+def _train(workdir, nproc, extra=(), env=None, max_restarts=0, kill=None, flags=("--expert-parallel",),
+           fails=False):
+    """`kill=(where, step, rank)`: run through fault_entry.py, which SIGKILLs
+    that rank there; `fails`: the run is expected to fail."""
     args = ["train", "--workdir", str(workdir), *_sets(extra)]
     entry = ["-m", "vmoe_torch.cli.main"]
     if kill is not None:
-        entry = [os.path.join(os.path.dirname(__file__), "fault_entry.py"), str(kill[0]), str(kill[1])]
+        entry = [os.path.join(os.path.dirname(__file__), "fault_entry.py"), *map(str, kill)]
     if nproc == 1:
         cmd = [sys.executable, *entry, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                f"--max-restarts={max_restarts}", *entry, *args, *flags]
     proc = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=300)
+    if fails:
+        assert proc.returncode != 0, proc.stderr[-5000:]
+        return proc
     if proc.returncode != 0:  # keep the whole log: a rare failure must be diagnosable
         log = os.path.join(str(workdir), "..", f"{os.path.basename(str(workdir))}-stderr.log")
         with open(log, "w") as f:
@@ -51,10 +57,16 @@ def _losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_dir(tmp_path_factory):
+    """The single-process run every distributed run must reproduce."""
     wd = tmp_path_factory.mktemp("ref")
     _train(wd, 1)
-    return _losses(wd)
+    return wd
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    return _losses(reference_dir)
 
 
 def test_resume_on_other_world_sizes(tmp_path, reference):
@@ -82,11 +94,12 @@ def test_resume_on_other_world_sizes(tmp_path, reference):
     (("--fsdp",), 2, (4,), ()),                        # FSDP data parallel (experts FSDP-sharded too)
     (("--fsdp",), 4, (2,), ("train.expert_shards=2",)),  # a 2 x 2 mesh: experts over 2, replicated over 2
 ], ids=["fsdp_ep", "fsdp_dp", "fsdp_2x2"])
-def test_fsdp_resume_on_other_world_sizes(tmp_path, reference, flags, world, resume_worlds, extra):
+def test_fsdp_resume_on_other_world_sizes(tmp_path, reference, reference_dir, flags, world, resume_worlds, extra):
     first = tmp_path / "first"
     _train(first, world, ["train.steps=3", *extra], flags=flags)
     for step in (1, 2, 3):
         assert _losses(first)[step] == pytest.approx(reference[step], abs=1e-5)
+    _check_sharded_layout(first / "checkpoints" / "step_00000003", world)
     for resume in resume_worlds:
         wd = tmp_path / f"resume{resume}"
         shutil.copytree(first, wd)
@@ -95,14 +108,76 @@ def test_fsdp_resume_on_other_world_sizes(tmp_path, reference, flags, world, res
         assert sorted(got) == list(range(1, STEPS + 1))
         for step in range(4, STEPS + 1):
             assert got[step] == pytest.approx(reference[step], abs=1e-5), (flags, resume, step)
+    # final/ is streamed from the last sharded checkpoint; its logits are the
+    # single-process run's, and those of the checkpoint read directly
+    import torch
+
     import vmoe_torch
-    model = vmoe_torch.from_pretrained(str(tmp_path / f"resume{resume_worlds[0]}" / "final"))
+    from vmoe_torch.convert.checkpoints import load_model
+    done = tmp_path / f"resume{resume_worlds[0]}"
+    model = vmoe_torch.from_pretrained(str(done / "final"))
     assert model.moe_layers()["encoderblock_0"].experts.w1.shape[0] == 4
+    x = torch.rand(4, 3, *model.config.image_size) * 2 - 1
+    with torch.no_grad():
+        got = model(x)
+        assert torch.equal(got, load_model(str(done))(x))
+        assert torch.allclose(got, vmoe_torch.from_pretrained(str(reference_dir / "final"))(x), atol=1e-4)
+
+
+def _check_sharded_layout(ckpt, world):
+    """A DCP checkpoint in which every rank wrote its own file, every chunk
+    once, no file holds (nearly) everything, and the experts' chunks come
+    from more than one rank."""
+    from torch.distributed.checkpoint import FileSystemReader
+    assert (ckpt / ".metadata").exists() and (ckpt / "state.json").exists()
+    metadata = FileSystemReader(str(ckpt)).read_metadata()
+    files = {}
+    expert_files = set()
+    for index, info in metadata.storage_data.items():
+        files[info.relative_path] = files.get(info.relative_path, 0) + info.length
+        if ".experts.w1" in index.fqn and index.fqn.startswith("model/"):
+            expert_files.add(info.relative_path)
+    assert len(files) == world, files
+    assert max(files.values()) < 0.75 * sum(files.values()), files
+    assert len(expert_files) > 1
+    chunks = [(i.fqn, tuple(i.offset or ())) for i in metadata.storage_data]
+    assert len(chunks) == len(set(chunks))  # each chunk written once (replicas deduplicated)
+
+
+@pytest.mark.parametrize("where, rank", [("shard", 1), ("commit", 0)], ids=["torn_shard", "before_commit"])
+def test_kill_during_sharded_save_keeps_the_last_checkpoint(tmp_path, reference, where, rank):
+    """SIGKILL while the step-6 checkpoint is being written (a rank mid-shard,
+    or rank 0 after every shard and DCP's .metadata but before the rename):
+    step 3 stays the last complete checkpoint, and the next run resumes from
+    it (removing the orphan) with the uninterrupted run's losses."""
+    flags = ("--fsdp", "--expert-parallel")
+    wd = tmp_path / "run"
+    _train(wd, 2, kill=(where, STEPS, rank), flags=flags, fails=True)
+    from vmoe_torch.utils.workdir import list_checkpoints
+    assert [s for s, _ in list_checkpoints(str(wd))] == [3]
+    orphans = [p for p in os.listdir(wd / "checkpoints") if p.startswith(".tmp-step_00000006")]
+    # rank 0 removes the temporary directory when a peer dies under it; killed itself, it cannot
+    assert bool(orphans) == (rank == 0), orphans
+    proc = _train(wd, 2, flags=flags)
+    assert ("left by a killed write" in proc.stderr) == bool(orphans)
+    assert not [p for p in os.listdir(wd / "checkpoints") if p.startswith(".tmp-")]
+    got = _losses(wd)
+    for step in range(4, STEPS + 1):
+        assert got[step] == pytest.approx(reference[step], abs=1e-5), step
+    if where == "shard":  # and a checkpoint damaged after the fact is skipped for the older one
+        shard = wd / "checkpoints" / "step_00000006" / "__1_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:100])
+        (wd / "eval.json").unlink()
+        proc = _train(wd, 2, flags=flags)
+        assert "Skipping unreadable checkpoint" in proc.stderr and "step_00000006" in proc.stderr
+        got = _losses(wd)
+        for step in range(4, STEPS + 1):
+            assert got[step] == pytest.approx(reference[step], abs=1e-5), step
 
 
 def test_killed_rank_recovers_with_max_restarts(tmp_path, reference):
     wd = tmp_path / "killed"
-    proc = _train(wd, 2, max_restarts=1, kill=(4, 1))
+    proc = _train(wd, 2, max_restarts=1, kill=("step", 4, 1))
     got = _losses(wd)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):

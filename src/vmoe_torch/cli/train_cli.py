@@ -136,7 +136,7 @@ def exit_code(summary: dict) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..convert.pretrained import load_model
+    from ..convert.checkpoints import load_model
     from ..data.pipeline import build_datasets, eval_batches
     from ..evaluate.classification import evaluate_at_capacity, format_grid, routing_grid
     own = os.path.join(args.checkpoint, "config.yaml")
@@ -162,7 +162,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
-    from ..convert.pretrained import load_model
+    from ..convert.checkpoints import load_model
     from ..data.pipeline import build_datasets, eval_batches
     from ..evaluate.fewshot import extract_features, fewshot_evaluate
     cfg = _load(args)
@@ -182,7 +182,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
 def run_analyze(args: argparse.Namespace) -> int:
     from ..analysis.report import analyze
     from ..config import load_config
-    from ..convert.pretrained import load_model
+    from ..convert.checkpoints import load_model
     from ..data.pipeline import build_datasets
     if args.data.endswith((".yaml", ".yml")):
         cfg = load_config(args.data, args.overrides)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -22,8 +21,8 @@ from ..models.config import ModelConfig
 from ..models.vit_moe import VisionTransformerMoe
 from ..moe.noise import seed_words
 from ..utils.io import atomic_directory, looks_like_pickle
+from ..utils.state import state_mismatch
 from ..utils.typed_config import from_dict, to_dict
-from ..utils.workdir import is_workdir, list_checkpoints
 from .model_card import model_card
 
 FORMAT, FORMAT_VERSION = "vmoe-torch", 1
@@ -47,16 +46,10 @@ def architecture_fingerprint(cfg: ModelConfig) -> str:
 
 def check_state(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
     """Raises ValueError listing every missing, unexpected or mis-shaped entry."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise ValueError("Checkpoint does not match the model config:"
-                         + (f"\n  missing in checkpoint: {missing}" if missing else "")
-                         + (f"\n  not in the model: {unexpected}" if unexpected else "")
-                         + (f"\n  shape mismatches: {shapes}" if shapes else ""))
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = state_mismatch(own, {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        raise ValueError("Checkpoint does not match the model config:" + problems)
 
 
 def load_state_strict(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
@@ -69,6 +62,22 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, Any]) -> None:
             own[k].copy_(torch.as_tensor(v))
 
 
+def config_json(cfg: ModelConfig, source: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The content of config.json for a model of config `cfg`."""
+    meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(cfg)}
+    if source:
+        meta["source"] = source
+    return meta
+
+
+def write_metadata(out_dir: str, cfg: ModelConfig, source: Optional[dict[str, Any]] = None) -> None:
+    """config.json and the model card README.md, next to the weights."""
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config_json(cfg, source), f, indent=2)
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(model_card(cfg, source))
+
+
 def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool = False,
                     source: Optional[dict[str, Any]] = None) -> None:
     """Writes model.safetensors + config.json + README.md atomically to `out_dir`."""
@@ -76,13 +85,7 @@ def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool =
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, os.path.join(tmp, "model.safetensors"),
                   metadata={FINGERPRINT_KEY: architecture_fingerprint(model.config)})
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(model.config)}
-        if source:
-            meta["source"] = source
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(model.config, source))
+        write_metadata(tmp, model.config, source)
 
 
 def _check_fingerprint(weights: str, cfg: ModelConfig) -> None:
@@ -136,24 +139,3 @@ def from_pretrained(path: str, map_location: str = "cpu", **routing: Any) -> Vis
     if routing:
         model.set_routing(**routing)
     return model
-
-
-def load_model(path: str) -> VisionTransformerMoe:
-    """A model from a training work dir (its newest readable checkpoint;
-    unreadable newer ones are skipped with a warning, as on resume) or from a
-    `from_pretrained` directory."""
-    if is_workdir(path):
-        found = list_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"Work dir {path!r} holds no checkpoint yet.")
-        errors = []
-        for _, ckpt in reversed(found):
-            try:
-                return from_pretrained(ckpt)
-            except (ValueError, OSError) as e:
-                errors.append(f"{ckpt!r}: {e}")
-                warnings.warn(f"Skipping unreadable checkpoint {ckpt!r}: {e}")
-        raise ValueError(f"No readable checkpoint in {path!r}: " + "; ".join(errors))
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return from_pretrained(path)
-    raise FileNotFoundError(f"{path!r} is neither a training work dir nor a from_pretrained directory.")

@@ -23,14 +23,14 @@ the global-batch loss, as on one process (tested for W = 2 and 4).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from ..moe.layer import MoeMlp
 from .expert_parallel import ShardedExperts, _local_name, is_expert_param
@@ -166,57 +166,3 @@ def local_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = N
         for s in optimizer.state.values():
             state += sum(size(v) for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
     return params, state
-
-
-def _param_kinds(opt: torch.optim.Optimizer, model: nn.Module) -> dict[int, tuple[str, nn.Parameter]]:
-    """Optimizer state index -> ("expert" | "fsdp" | "plain", parameter)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out, idx = {}, 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            kind = "expert" if is_expert_param(names[id(p)]) else "fsdp" if isinstance(p, DTensor) else "plain"
-            out[idx] = (kind, p)
-            idx += 1
-    return out
-
-
-@torch.no_grad()
-def gather_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
-    """The optimizer state of the unsharded model, on every rank: FSDP
-    shards all-gathered, expert states gathered over their "ep" group."""
-    mesh, kinds, sd = _mesh(model), _param_kinds(opt, model), opt.state_dict()
-    state = {}
-    for idx, s in sd["state"].items():
-        kind = kinds[int(idx)][0]
-        out = {}
-        for key, value in s.items():
-            if isinstance(value, DTensor):
-                value = value.full_tensor()
-            elif kind == "expert" and torch.is_tensor(value) and value.dim() > 0:
-                value = _gather_experts(mesh, value)
-            out[key] = value
-        state[int(idx)] = out
-    return {"state": state, "param_groups": sd["param_groups"]}
-
-
-def shard_optimizer_state(sd: dict[str, Any], opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
-    """A full optimizer state cut for this rank: FSDP parameters' states as
-    DTensors with their parameter's placements, experts' sliced for this
-    rank's position in its "ep" group. Any mesh: checkpoints re-shard."""
-    mesh, kinds = _mesh(model), _param_kinds(opt, model)
-    ep_rank, ep = mesh.get_local_rank("ep"), mesh.size(1)
-    state = {}
-    for idx, s in sd["state"].items():
-        kind, param = kinds[int(idx)]
-        out = {}
-        for key, value in s.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                if kind == "fsdp":
-                    assert isinstance(param, DTensor)
-                    value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-                elif kind == "expert":
-                    per = value.shape[0] // ep
-                    value = value[ep_rank * per:(ep_rank + 1) * per].clone()
-            out[key] = value
-        state[int(idx)] = out
-    return {"state": state, "param_groups": sd["param_groups"]}

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import yaml
 
 from ..config.schema import ExperimentConfig, config_to_dict
-from ..convert.pretrained import load_model, load_state_strict, save_pretrained
+from ..convert.checkpoints import export_checkpoint, load_model
+from ..convert.pretrained import from_pretrained, save_pretrained
 from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model_range
 from ..distributed import fsdp
 from ..distributed.expert_parallel import (
@@ -29,18 +30,17 @@ from ..distributed.expert_parallel import (
     clip_grad_norm_distributed,
     data_parallel,
     expert_parallel,
-    gather_state_dict,
     sync_gradients,
 )
-from ..distributed.runtime import gather_optimizer_state, init_from_env, shard_optimizer_state
+from ..distributed.runtime import init_from_env
 from ..evaluate.classification import evaluate_at_capacity
 from ..models.registry import create_model
 from ..models.vit_moe import VisionTransformerMoe
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.seeds import derive_seed
 from ..utils.typed_config import to_dict
-from ..utils.workdir import check_writable, latest_checkpoint, list_checkpoints
-from .checkpoint import load_latest_valid, save_checkpoint
+from ..utils.workdir import check_writable, checkpoint_dir, latest_checkpoint, list_checkpoints
+from .checkpoint import restore_latest, save_checkpoint, save_sharded_checkpoint
 from .logger import MetricsLogger
 from .losses import LOSSES
 from .optim import build_optimizer, clip_grad_norm, learning_rate
@@ -184,13 +184,6 @@ class Trainer:
         then is the run committed to the work dir (`_commit_workdir`).
         Returns the first step to run."""
         ckpt, restart = self._read_identity()
-        start, opt_state = 0, None
-        if ckpt is not None:
-            found = load_latest_valid(self.workdir)  # falls back past unreadable newer checkpoints
-            if found is not None:
-                _, model_state, opt_state, state = found
-                load_state_strict(self.model, model_state)
-                start = int(state["step"])
         if self.fsdp:
             fsdp.fsdp_expert_parallel(self.model, fsdp.parallel_mesh(self.expert_shards, self.device.type))
         elif self.expert_parallel:
@@ -199,12 +192,11 @@ class Trainer:
             data_parallel(self.model)
         self._warn_split_groups()
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
-        if opt_state is not None:
-            if self.fsdp:
-                opt_state = fsdp.shard_optimizer_state(opt_state, self.optimizer, self.model)
-            elif self.expert_parallel:
-                opt_state = shard_optimizer_state(opt_state, self.optimizer, self.model)
-            self.optimizer.load_state_dict(opt_state)
+        start = 0
+        if ckpt is not None:  # either layout, into this run's sharding; falls back past unreadable ones
+            state = restore_latest(self.workdir, self.model, self.optimizer)
+            if state is not None:
+                start = int(state["step"])
         self._commit_workdir(restart)
         return start
 
@@ -231,31 +223,21 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """The unsharded model state (a collective call under expert parallelism)."""
-        if self.fsdp:
-            return fsdp.full_state_dict(self.model)
-        return gather_state_dict(self.model) if self.expert_parallel else self.model.state_dict()
-
-    def _save(self, step: int) -> Optional[str]:
-        model_state = self.full_state()
+    def _save(self, step: int) -> str:
+        """Checkpoint `step`: sharded (every rank writes its shards) when the
+        state is spread over the ranks, else written whole by rank 0."""
         assert self.optimizer is not None
-        if self.fsdp:
-            opt_state = fsdp.gather_optimizer_state(self.optimizer, self.model)
-        elif self.expert_parallel:
-            opt_state = gather_optimizer_state(self.optimizer, self.model)
-        else:
-            opt_state = self.optimizer.state_dict()
-        path = None
+        extra = {"data_position": {"step": step, "batch_size": self.cfg.data.batch_size, "seed": self.cfg.data.seed},
+                 "world_size": self.world, "expert_parallel": self.expert_parallel, "fsdp": self.fsdp,
+                 "expert_shards": self.expert_shards}
+        files = {"config.json": {"format": "vmoe-torch", "format_version": 1, "model": to_dict(self.model.config)}}
+        keep = self.cfg.train.keep_checkpoints
+        if self.sharded:
+            return save_sharded_checkpoint(self.workdir, step, self.model, self.optimizer, extra, keep, files)
+        path = checkpoint_dir(self.workdir, step)
         if self.rank == 0:
-            path = save_checkpoint(self.workdir, step, model_state, opt_state,
-                                   {"data_position": {"step": step, "batch_size": self.cfg.data.batch_size,
-                                                      "seed": self.cfg.data.seed},
-                                    "world_size": self.world, "expert_parallel": self.expert_parallel,
-                                    "fsdp": self.fsdp, "expert_shards": self.expert_shards},
-                                   keep=self.cfg.train.keep_checkpoints)
-            meta = {"format": "vmoe-torch", "format_version": 1, "model": to_dict(self.model.config)}
-            atomic_write_json(os.path.join(path, "config.json"), meta)
+            save_checkpoint(self.workdir, step, self.model.state_dict(), self.optimizer.state_dict(), extra,
+                            keep, files)
         self._barrier()
         return path
 
@@ -369,17 +351,18 @@ class Trainer:
         if self._stop_signal is not None:
             summary["signal"] = int(self._stop_signal)
             return summary
-        if self.sharded:  # evaluate and export an unsharded copy on rank 0
-            state = self.full_state()
+        if self.sharded:  # the final checkpoint streams to final/, which rank 0 evaluates
             if self.rank == 0:
-                full = VisionTransformerMoe(self.model.config).to(self.device)
-                full.load_state_dict(state)
-                self.model = full
+                path = latest_checkpoint(self.workdir)
+                assert path is not None, "a completed run has saved its last step"
+                export_checkpoint(path, os.path.join(self.workdir, "final"), overwrite=True)
+                self.model = from_pretrained(os.path.join(self.workdir, "final")).to(self.device)
         if self.rank == 0:
             final = self.evaluate()
             summary["eval"] = final
             atomic_write_json(os.path.join(self.workdir, "eval.json"), final)
-            save_pretrained(self.model, os.path.join(self.workdir, "final"), overwrite=True)
+            if not self.sharded:
+                save_pretrained(self.model, os.path.join(self.workdir, "final"), overwrite=True)
         self._barrier()
         return summary
 

@@ -65,33 +65,56 @@ def atomic_write_json(path: str, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def temporary_directory(path: str) -> str:
+    """A new private temporary sibling of `path` to fill and then pass to
+    `commit_directory` (removed by `remove_orphan_temporaries` if the
+    writer is killed first)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}{os.path.basename(path)}.")
+
+
+def commit_directory(tmp: str, path: str, overwrite: bool = False) -> None:
+    """Renames the filled temporary directory `tmp` to `path` (an existing
+    `path` only with `overwrite`: swapped out, then removed), with the
+    permissions an ordinary `mkdir`/`open` would have given; the rename is
+    made durable by syncing the parent directory."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.chmod(tmp, default_mode(is_dir=True))
+    for root, dirs, files in os.walk(tmp):
+        for name in files:
+            os.chmod(os.path.join(root, name), default_mode(is_dir=False))
+        for name in dirs:
+            os.chmod(os.path.join(root, name), default_mode(is_dir=True))
+    if os.path.exists(path):
+        if not overwrite:
+            raise FileExistsError(f"{path!r} already exists; pass overwrite=True (--overwrite).")
+        old = tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}old.")
+        os.rmdir(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a temporary sibling directory to fill; on success it replaces
     `path` (an existing `path` only with `overwrite`, swapped out and then
     removed), on any failure it is removed and `path` is untouched."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path!r} already exists; pass overwrite=True (--overwrite).")
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}{os.path.basename(path)}.")
+        raise FileExistsError(f"{os.path.abspath(path)!r} already exists; pass overwrite=True (--overwrite).")
+    tmp = temporary_directory(path)
     try:
         yield tmp
-        os.chmod(tmp, default_mode(is_dir=True))
-        for root, dirs, files in os.walk(tmp):
-            for name in files:
-                os.chmod(os.path.join(root, name), default_mode(is_dir=False))
-            for name in dirs:
-                os.chmod(os.path.join(root, name), default_mode(is_dir=True))
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}old.")
-            os.rmdir(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        commit_directory(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,6 +4,9 @@ it) and the loaders (which read models from it).
     WORKDIR/run_identity.json, config.yaml, metrics.jsonl, eval.json, final/
     WORKDIR/checkpoints/step_00000123/{model.safetensors, optimizer.safetensors,
                                        state.json, config.json}
+or, written by a sharded run (torch.distributed.checkpoint: one file per rank),
+    WORKDIR/checkpoints/step_00000123/{__0_0.distcp, ..., .metadata,
+                                       state.json, config.json}
 """
 from __future__ import annotations
 
@@ -17,6 +20,11 @@ _NAME = re.compile(r"^step_(\d{8})$")
 
 def checkpoint_dir(workdir: str, step: int) -> str:
     return os.path.join(workdir, "checkpoints", f"step_{step:08d}")
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    """A checkpoint written with torch.distributed.checkpoint (by a sharded run)."""
+    return os.path.exists(os.path.join(path, ".metadata"))
 
 
 def is_workdir(path: str) -> bool:
