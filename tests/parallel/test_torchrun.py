@@ -183,3 +183,13 @@ def test_killed_rank_recovers_with_max_restarts(tmp_path, reference):
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(reference[step], abs=1e-5), step
     assert "restart" in (proc.stderr + proc.stdout).lower() or "failed" in proc.stderr.lower()
+
+
+@pytest.mark.slow
+def test_checkpoint_memory_benchmark_runs():
+    """benchmarks/checkpoint_memory.py at a small size (its figures are in
+    docs/benchmarks.md; here only that it runs and prints every rank)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "checkpoint_memory.py"), "--smoke",
+                          "--worlds", "2"], env=_env(), capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "| 2 | 0 |" in out and "| 2 | 1 |" in out and "full layout" in out
