@@ -71,3 +71,31 @@ def test_gpu_benchmark_script_runs_at_tiny_shapes_on_the_cpu():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_moe.py"), "--device", "cpu", "--smoke",
                           "--repeats", "1"], capture_output=True, text=True, timeout=600, check=True).stdout
     assert "| tiny | 4 | 2 |" in out and "| vmoe_mi4_every2 | 8 | 32 |" in out
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_nccl_fsdp_expert_parallel_training_equals_one_process(tmp_path):
+    """`vmoe train --fsdp --expert-parallel` on 2 GPUs (NCCL, one GPU per
+    process from LOCAL_RANK) logs the losses of one process on the whole
+    batch, and its sharded checkpoint exports to from_pretrained."""
+    import json
+    import os
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import TINY
+    sets = [a for o in TINY + ["train.steps=4", "train.checkpoint_every=2", "train.device=cuda"]
+            for a in ("--set", o)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def losses(cmd, wd, flags=()):
+        subprocess.run(cmd + ["train", "--workdir", str(wd), *sets, *flags], env=env, check=True, timeout=600,
+                       capture_output=True)
+        with open(wd / "metrics.jsonl") as f:
+            return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    one = losses([sys.executable, "-m", "vmoe_torch.cli.main"], tmp_path / "one")
+    two = losses([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                  "-m", "vmoe_torch.cli.main"], tmp_path / "two", ("--fsdp", "--expert-parallel"))
+    for step, loss in one.items():
+        assert two[step] == pytest.approx(loss, abs=1e-4), step
+    assert (tmp_path / "two" / "checkpoints" / "step_00000004" / ".metadata").exists()
+    import vmoe_torch
+    vmoe_torch.from_pretrained(str(tmp_path / "two" / "final"))

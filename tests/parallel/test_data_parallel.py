@@ -44,3 +44,17 @@ def test_misaligned_groups_warn(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         Trainer(cfg, str(tmp_path / "a")).fit()
+
+
+def test_local_device_takes_the_gpu_of_the_local_rank_or_says_why_not(monkeypatch):
+    from vmoe_torch.distributed.runtime import local_device
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device(torch.device("cpu")) == torch.device("cpu")
+    assert local_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # an explicit index is kept
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="LOCAL_RANK=3 but this node has 2 GPUs"):
+        local_device(torch.device("cuda"))
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_device(torch.device("cuda")) == torch.device("cuda", 1) and chosen == [1]

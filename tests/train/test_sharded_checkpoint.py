@@ -122,3 +122,25 @@ def test_unreadable_shard_falls_back_to_the_older_checkpoint(tmp_path):
     os.unlink(os.path.join(list_checkpoints(str(tmp_path))[0][1], ".metadata"))
     with pytest.raises(CorruptCheckpoint, match="No readable checkpoint"), pytest.warns(UserWarning):
         restore_latest(str(tmp_path), fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+
+
+def test_export_checkpoint_command_takes_a_work_dir_of_either_layout(tmp_path, capsys):
+    from vmoe_torch.cli.main import main
+    from vmoe_torch.train.checkpoint import save_checkpoint
+    model, opt = _trained()
+    full = tmp_path / "full"
+    files = {"config.json": {"format": "vmoe-torch", "format_version": 1, "model": to_dict(model.config)}}
+    save_checkpoint(str(full), 2, model.state_dict(), opt.state_dict(), {}, files=files)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    _save(tmp_path / "sharded", model, opt, step=3)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    for wd in ("full", "sharded"):
+        assert main(["export-checkpoint", str(tmp_path / wd), str(tmp_path / f"out-{wd}")]) == 0
+        assert "wrote" in capsys.readouterr().out
+    assert torch.equal(from_pretrained(str(tmp_path / "out-sharded"))(x), model(x))
+    assert not torch.equal(from_pretrained(str(tmp_path / "out-full"))(x), model(x))  # the earlier weights
+    assert main(["export-checkpoint", str(tmp_path / "sharded"), str(tmp_path / "out-full")]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -81,6 +81,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "sweep at matched compute")
     p.set_defaults(func=run_analyze)
 
+    p = sub.add_parser("export-checkpoint",
+                       help="a training checkpoint (either layout) as a from_pretrained directory",
+                       description="Writes the model of WORKDIR's newest readable checkpoint (or of one "
+                                   "checkpoint directory) as OUT_DIR (model.safetensors, config.json, "
+                                   "README.md). Sharded checkpoints are streamed one tensor at a time.")
+    p.add_argument("checkpoint", help="a training work dir or one of its checkpoints/step_* directories")
+    p.add_argument("out", help="the from_pretrained directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=run_export_checkpoint)
+
     p = sub.add_parser("demo", help="the bundled end-to-end demo (make demo)",
                        description="Trains a tiny V-MoE and the dense ViT of the same backbone on the "
                                    "bundled cluttered digits, evaluates both (and the V-MoE over a "
@@ -176,6 +186,13 @@ def run_fewshot(args: argparse.Namespace) -> int:
         print(f"{shots:>3}-shot: {r['mean']:.4f} ± {r['std']:.4f}")
     if args.out:
         atomic_write_json(args.out, res)
+    return 0
+
+
+def run_export_checkpoint(args: argparse.Namespace) -> int:
+    from ..convert.checkpoints import export_model
+    used = export_model(args.checkpoint, args.out, args.overwrite)
+    print(f"wrote {args.out} from {used}")
     return 0
 
 

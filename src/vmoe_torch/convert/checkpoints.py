@@ -26,7 +26,14 @@ from ..moe.noise import seed_words
 from ..utils.io import atomic_directory
 from ..utils.state import state_mismatch
 from ..utils.workdir import is_sharded_checkpoint, is_workdir, list_checkpoints
-from .pretrained import FINGERPRINT_KEY, architecture_fingerprint, from_pretrained, read_config, write_metadata
+from .pretrained import (
+    FINGERPRINT_KEY,
+    architecture_fingerprint,
+    from_pretrained,
+    read_config,
+    save_pretrained,
+    write_metadata,
+)
 
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                        torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
@@ -98,6 +105,30 @@ def export_checkpoint(path: str, out_dir: str, overwrite: bool = False) -> None:
             f.flush()
             os.fsync(f.fileno())
         write_metadata(tmp, cfg, {"exported_from": os.path.abspath(path)})
+
+
+def export_model(path: str, out_dir: str, overwrite: bool = False) -> str:
+    """Writes the model of a work dir's newest readable checkpoint, or of one
+    checkpoint directory, as a `from_pretrained` directory; a sharded
+    checkpoint is streamed (`export_checkpoint`). Returns the checkpoint used."""
+    candidates = [c for _, c in reversed(list_checkpoints(path))] if is_workdir(path) else [path]
+    if not candidates:
+        raise FileNotFoundError(f"Work dir {path!r} holds no checkpoint yet.")
+    errors = []
+    for ckpt in candidates:
+        try:
+            if is_sharded_checkpoint(ckpt):
+                export_checkpoint(ckpt, out_dir, overwrite)
+            else:
+                save_pretrained(from_pretrained(ckpt), out_dir, overwrite,
+                                source={"exported_from": os.path.abspath(ckpt)})
+            return ckpt
+        except (ValueError, OSError) as e:
+            if isinstance(e, FileExistsError):
+                raise
+            errors.append(f"{ckpt!r}: {e}")
+            warnings.warn(f"Skipping unreadable checkpoint {ckpt!r}: {e}")
+    raise ValueError(f"No readable checkpoint in {path!r}: " + "; ".join(errors))
 
 
 def load_model(path: str) -> VisionTransformerMoe:

@@ -24,11 +24,20 @@ class _AllToAll(torch.autograd.Function):
         return out, None, None, None
 
 
+def comm_device(group=None) -> torch.device:
+    """Where tensors for collectives of `group` must live: the current GPU
+    under NCCL (it exchanges device tensors only), else the CPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def exchange_counts(send: list[int], group=None) -> list[int]:
     """1. Tell every rank how many rows it will receive from us (uneven buffers)."""
     world = dist.get_world_size(group)
-    send_t = torch.tensor(send, dtype=torch.long)
-    recv_t = torch.empty(world, dtype=torch.long)
+    device = comm_device(group)
+    send_t = torch.tensor(send, dtype=torch.long, device=device)
+    recv_t = torch.empty(world, dtype=torch.long, device=device)
     dist.all_to_all_single(recv_t, send_t, group=group)
     return recv_t.tolist()
 

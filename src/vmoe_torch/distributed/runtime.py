@@ -8,9 +8,24 @@ import torch
 import torch.distributed as dist
 
 
+def local_device(device: torch.device) -> torch.device:
+    """This process's device: under torchrun a CUDA run takes GPU LOCAL_RANK
+    of its node (and makes it current, as NCCL requires); anything else is
+    returned unchanged."""
+    if device.type != "cuda" or device.index is not None or "LOCAL_RANK" not in os.environ:
+        return device
+    index = int(os.environ["LOCAL_RANK"])
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK={index} but this node has {torch.cuda.device_count()} GPUs: start at most "
+                         "that many processes per node (torchrun --nproc-per-node).")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
 def init_from_env(device: torch.device) -> tuple[int, int]:
     """(rank, world size). Under torchrun (WORLD_SIZE > 1) initialises the
-    default process group: gloo on the CPU, NCCL on CUDA."""
+    default process group: gloo on the CPU, NCCL on CUDA (pass the device
+    from `local_device`, so that each process has its own GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1

@@ -25,6 +25,7 @@ from ..convert.checkpoints import export_checkpoint, load_model
 from ..convert.pretrained import from_pretrained, save_pretrained
 from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model_range
 from ..distributed import fsdp
+from ..distributed.comm import comm_device
 from ..distributed.expert_parallel import (
     check_expert_parallel,
     clip_grad_norm_distributed,
@@ -32,7 +33,7 @@ from ..distributed.expert_parallel import (
     expert_parallel,
     sync_gradients,
 )
-from ..distributed.runtime import init_from_env
+from ..distributed.runtime import init_from_env, local_device
 from ..evaluate.classification import evaluate_at_capacity
 from ..models.registry import create_model
 from ..models.vit_moe import VisionTransformerMoe
@@ -108,7 +109,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         # Everything that can fail on bad config or data fails here, before any work.
-        self.device = resolve_device(cfg.train.device)
+        self.device = local_device(resolve_device(cfg.train.device))
         self.rank, self.world = init_from_env(self.device)
         self.expert_parallel = cfg.train.expert_parallel and self.world > 1 and not cfg.train.fsdp
         self.fsdp = cfg.train.fsdp and self.world > 1
@@ -322,7 +323,8 @@ class Trainer:
                     logger.log({"step": done, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
                     self.model.train()
                 if self.world > 1:  # every rank must agree to stop
-                    flag = torch.tensor([0 if self._stop_signal is None else int(self._stop_signal)])
+                    flag = torch.tensor([0 if self._stop_signal is None else int(self._stop_signal)],
+                                        device=comm_device())
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                     self._stop_signal = int(flag) or None
                 if self._stop_signal is not None:
