@@ -100,14 +100,14 @@ def test_dropless_is_a_routing_setting_of_whole_models(tmp_path):
         MoeMlp(16, 24, 4, group_size=8, router="expert_choice", dropless=True)
 
 
-def test_dropless_names_expert_parallelism_as_unsupported():
+def test_dropless_needs_experts_with_a_grouped_forward():
     _, layer = _pair(4, 2, 8)
 
-    class Remote(torch.nn.Module):  # stands in for the sharded experts of expert parallelism
+    class Remote(torch.nn.Module):  # experts that only take capacity buffers
         def forward(self, buffers):
             return buffers
     layer.experts = Remote()
-    with pytest.raises(ValueError, match="not supported with expert parallelism"):
+    with pytest.raises(ValueError, match="Remote has none: route with a capacity"):
         layer(torch.randn(2, 8, 16))
 
 

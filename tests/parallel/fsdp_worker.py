@@ -24,12 +24,12 @@ from vmoe_torch.distributed.fsdp import (
 )
 
 
-def _model(num_experts: int, dim: int = 32) -> torch.nn.Module:
+def _model(num_experts: int, dim: int = 32, dropless: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
+    routing: dict[str, Any] = {"dropless": True} if dropless else {"batch_priority": True, "capacity_factor": 0.5}
     model = create_model("vmoe_mi4_every1", num_layers=2, layers=(0, 1), patch_size=8, image_size=32,
                          hidden_size=dim, mlp_dim=2 * dim, num_heads=2, group_size=2 * 17,
-                         num_experts=num_experts, num_selected_experts=2, batch_priority=True,
-                         capacity_factor=0.5).train()
+                         num_experts=num_experts, num_selected_experts=2, **routing).train()
     with torch.no_grad():  # a non-zero head, so that every gradient is exercised
         model.head.weight.normal_(std=0.1)
     return model
@@ -46,9 +46,10 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(unsharded(model, n, p.grad) for n, p in model.named_parameters())
 
 
-def check(num_experts: int, expert_shards: int, batch: int = 8, steps: int = 5) -> dict[str, Any]:
+def check(num_experts: int, expert_shards: int, dropless: bool = False, batch: int = 8,
+          steps: int = 5) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
-    full = _model(num_experts)
+    full = _model(num_experts, dropless=dropless)
     sharded = copy.deepcopy(full)
     mesh = parallel_mesh(expert_shards)
     fsdp_expert_parallel(sharded, mesh)
@@ -99,7 +100,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, cases: list) -> 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        results = {f"E{e}_P{p}": check(e, p) for e, p in cases}
+        results = {f"E{c[0]}_P{c[1]}" + ("_dropless" if c[2:] and c[2] else ""): check(*c) for c in cases}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
     finally:

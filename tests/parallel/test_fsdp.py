@@ -4,7 +4,9 @@ loss, every gradient, the global gradient norm (relative), and 5
 SGD-momentum steps with clipping
 (losses and parameters), within 1e-5. Cases: experts sharded over all ranks
 (P = W), data parallel only (P = 1: FSDP shards the experts too), and W > E
-(E = 2 on 4 ranks: experts sharded over 2, replicated over 2). Each rank
+(E = 2 on 4 ranks: experts sharded over 2, replicated over 2), and the
+dropless backend with experts sharded over 2 ranks (on 2, and on a 2 x 2
+mesh of 4: variable row counts cross the exchange). Each rank
 holds about 1/W of the non-expert parameters and 1/P of the experts."""
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from .fsdp_worker import worker
 
 pytestmark = pytest.mark.distributed
 
-CASES = {2: [(4, 2), (4, 1)], 4: [(4, 4), (2, 2), (8, 1)]}   # (E, expert shards P)
+# (E, expert shards P[, dropless])
+CASES = {2: [(4, 2), (4, 1), (4, 2, True)], 4: [(4, 4), (2, 2), (8, 1), (4, 2, True)]}
 
 
 @pytest.mark.parametrize("world", [2, 4])

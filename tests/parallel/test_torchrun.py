@@ -186,6 +186,20 @@ def test_killed_rank_recovers_with_max_restarts(tmp_path, reference):
 
 
 @pytest.mark.slow
+def test_compiled_expert_parallel_training_equals_one_process(tmp_path, reference):
+    """train.compile with --expert-parallel on 2 ranks: the token exchange is
+    traced (functional collectives) into one graph per rank, fullgraph,
+    without recompiling from step to step; losses as one eager process."""
+    wd = tmp_path / "compiled"
+    proc = _train(wd, 2, ["train.steps=3", "train.compile=true", "train.compile_backend=aot_eager"],
+                  env=_env(TORCH_LOGS="recompiles"))
+    assert "Recompiling" not in proc.stderr
+    got = _losses(wd)
+    for step in (1, 2, 3):
+        assert got[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
+@pytest.mark.slow
 def test_checkpoint_memory_benchmark_runs():
     """benchmarks/checkpoint_memory.py at a small size (its figures are in
     docs/benchmarks.md; here only that it runs and prints every rank)."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..moe.experts import Experts
 from ..moe.layer import MoeMlp
-from .comm import all_to_all, exchange_counts
+from .comm import all_to_all, comm_device, exchange_counts
 
 _EXPERT_KEYS = ("w1", "b1", "w2", "b2")
 
@@ -54,6 +54,8 @@ class ShardedExperts(nn.Module):
 
     def forward(self, buffers: torch.Tensor) -> torch.Tensor:
         """(E, N, D) buffers of this rank's groups -> (E, N, D) expert outputs."""
+        if torch.compiler.is_compiling():
+            return self._forward_traceable(buffers)
         experts, n, dim = buffers.shape
         w, el = self.world, self.local_experts
         rows = el * n
@@ -69,6 +71,58 @@ class ShardedExperts(nn.Module):
         back = torch.cat([t.reshape(el * c, dim) for t, c in zip(y.split(counts, dim=1), counts)])
         out = all_to_all(back, recv_rows, [rows] * w, group=self.group)
         return out.reshape(experts, n, dim)
+
+
+    def _forward_traceable(self, buffers: torch.Tensor) -> torch.Tensor:
+        """`forward` under torch.compile: functional collectives (traced into
+        the graph, with autograd), no exchange of buffer sizes. Assumes every
+        rank of the group routes the same number of groups (as the trainer's
+        equal per-rank micro-batches do); uneven batches need eager mode."""
+        from torch.distributed import _functional_collectives as funcol
+        experts, n, dim = buffers.shape
+        w, el = self.world, self.local_experts
+        group = self.group if self.group is not None else dist.group.WORLD
+        assert group is not None, "a process group is initialised"
+        recv = funcol.all_to_all_single_autograd(buffers.reshape(w * el * n, dim), None, None, group)
+        x = recv.reshape(w, el, n, dim).transpose(0, 1).reshape(el, w * n, dim)  # (el, sum N, D)
+        y = self.local(x)
+        back = y.reshape(el, w, n, dim).transpose(0, 1).reshape(w * el * n, dim)
+        out = funcol.all_to_all_single_autograd(back, None, None, group)
+        return out.reshape(experts, n, dim)
+
+    def forward_grouped(self, x: torch.Tensor, offsets: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
+        """Dropless: (R, D) rows of this rank's groups sorted by (global)
+        expert, `offsets` (E,) each expert's end row -> (R, D) outputs.
+
+        Expert e lives on rank e // (E/W), so the rows for each rank are one
+        contiguous run. The per-(rank, expert) row counts are exchanged first
+        and read on the host: a variable-size all_to_all needs its split
+        sizes there (one host sync per MoE layer, forward and backward
+        share it; the capacity path has none). The received rows, ordered by
+        source rank then expert, are put in expert order for the grouped
+        matmuls and back, and return the way they came."""
+        if torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "Dropless experts with expert parallelism are not compiled: the variable-size exchange "
+                "needs its split sizes on the host. Run this layer eagerly, or route with a capacity.")
+        w, el = self.world, self.local_experts
+        counts = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long())      # (E,) rows per expert
+        device = comm_device(self.group)
+        recv_counts = torch.empty(w * el, dtype=torch.long, device=device)
+        dist.all_to_all_single(recv_counts, counts.to(device), group=self.group)  # (source, local expert)
+        send_rows = counts.view(w, el).sum(1).tolist()
+        recv_matrix = recv_counts.view(w, el).to(x.device)
+        recv_rows = recv_matrix.sum(1).tolist()
+        recv = all_to_all(x, send_rows, recv_rows, group=self.group)               # (sum recv, D)
+        # expert of each received row, then a stable sort into expert order
+        expert_ids = torch.arange(el, device=x.device).repeat(w)
+        row_local_expert = torch.repeat_interleave(expert_ids, recv_matrix.reshape(-1),
+                                                   output_size=recv.shape[0])
+        local_expert, order = torch.sort(row_local_expert, stable=True)
+        local_offsets = recv_matrix.sum(0).cumsum(0).to(torch.int32)
+        y_sorted = self.local.forward_grouped(recv.index_select(0, order), local_offsets, local_expert)
+        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)            # back to arrival order
+        return all_to_all(y, recv_rows, send_rows, group=self.group)
 
 
 def _check_divides(num_experts: int, world: int) -> None:

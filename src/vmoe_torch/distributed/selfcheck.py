@@ -30,6 +30,9 @@ CASES: list[dict[str, Any]] = [dict(num_experts=e, num_selected_experts=k, batch
 CASES += [dict(num_experts=4, router="soft", num_slots=2, noise_std=0.5),
           dict(num_experts=4, num_selected_experts=1, ensemble_size=2, batch_priority=True,
                capacity_factor=0.5)]
+# Dropless: a variable number of rows per expert and rank crosses the exchange.
+CASES += [dict(num_experts=4, num_selected_experts=2, dropless=True),
+          dict(num_experts=8, num_selected_experts=2, batch_priority=True, dropless=True)]
 
 
 def _model(case: dict) -> VisionTransformerMoe:
@@ -89,8 +92,12 @@ def _check_case(case: dict, batch: int, rank: int, world: int) -> dict[str, floa
     return out
 
 
-def _check_training(rank: int, world: int, batch: int, steps: int = 5) -> dict[str, float]:
-    case = dict(num_experts=8, num_selected_experts=2, batch_priority=True, capacity_factor=0.5)
+TRAINING: dict[str, dict[str, Any]] = {
+    "training": dict(num_experts=8, num_selected_experts=2, batch_priority=True, capacity_factor=0.5),
+    "training_dropless": dict(num_experts=8, num_selected_experts=2, dropless=True)}
+
+
+def _check_training(case: dict, rank: int, world: int, batch: int, steps: int = 5) -> dict[str, float]:
     full = _model(case)
     ep = cast(VisionTransformerMoe, expert_parallel(copy.deepcopy(full)))
     # SGD with momentum (the paper's fine-tuning optimiser). Adam would divide
@@ -133,7 +140,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         results = {}
         for case in CASES:
             results[case_name(case)] = _check_case(case, batch, rank, world)
-        results["training"] = _check_training(rank, world, batch)
+        for name, case in TRAINING.items():
+            results[name] = _check_training(case, rank, world, batch)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
     finally:

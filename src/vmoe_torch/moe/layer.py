@@ -236,9 +236,10 @@ class MoeMlp(nn.Module):
         dispatcher, metrics = self.router(x, noise, self.generator)
         inner = getattr(dispatcher, "inner", dispatcher)
         if isinstance(inner, DroplessDispatcher):
-            if not isinstance(self.experts, Experts):
-                raise ValueError("dropless routing is not supported with expert parallelism yet: "
-                                 "route with a capacity (set_routing(dropless=False)).")
+            if not hasattr(self.experts, "forward_grouped"):
+                raise ValueError(f"dropless routing needs experts with forward_grouped; "
+                                 f"{type(self.experts).__name__} has none: route with a capacity "
+                                 "(set_routing(dropless=False)).")
             rows = dispatcher.dispatch(x)
             y = dispatcher.combine(self.experts.forward_grouped(rows, inner.offsets, inner.row_expert))
         else:
