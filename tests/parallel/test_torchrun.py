@@ -186,13 +186,15 @@ def test_killed_rank_recovers_with_max_restarts(tmp_path, reference):
 
 
 @pytest.mark.slow
-def test_compiled_expert_parallel_training_equals_one_process(tmp_path, reference):
+@pytest.mark.parametrize("flags", [("--expert-parallel",), ("--fsdp", "--expert-parallel")], ids=["ep", "fsdp_ep"])
+def test_compiled_expert_parallel_training_equals_one_process(tmp_path, reference, flags):
     """train.compile with --expert-parallel on 2 ranks: the token exchange is
-    traced (functional collectives) into one graph per rank, fullgraph,
-    without recompiling from step to step; losses as one eager process."""
+    traced (functional collectives) into the graph, fullgraph (the whole
+    model; under FSDP2 each block, FSDP's hooks between them eager), without
+    recompiling from step to step; losses as one eager process."""
     wd = tmp_path / "compiled"
     proc = _train(wd, 2, ["train.steps=3", "train.compile=true", "train.compile_backend=aot_eager"],
-                  env=_env(TORCH_LOGS="recompiles"))
+                  env=_env(TORCH_LOGS="recompiles"), flags=flags)
     assert "Recompiling" not in proc.stderr
     got = _losses(wd)
     for step in (1, 2, 3):

@@ -15,7 +15,6 @@ import torch._dynamo
 from helpers import TINY, logged_losses
 
 from vmoe_torch.config import load_config
-from vmoe_torch.config.schema import ConfigError
 from vmoe_torch.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
@@ -35,9 +34,3 @@ def test_compiled_training_follows_eager_without_recompiling(tmp_path):
     assert sorted(compiled) == sorted(eager) == list(range(1, 7))
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-5, abs=1e-6), step
-
-
-def test_compile_with_fsdp_is_refused_at_load():
-    with pytest.raises(ConfigError, match="train.compile is not supported with train.fsdp"):
-        load_config(None, TINY + ["train.compile=true", "train.fsdp=true"])
-    load_config(None, TINY + ["train.compile=true", "train.expert_parallel=true"])  # allowed: tested under torchrun

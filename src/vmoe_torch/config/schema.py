@@ -192,9 +192,6 @@ def validate(cfg: ExperimentConfig) -> None:
          f"data.path is required for data.name={cfg.data.name!r}."),
         (cfg.train.expert_shards is None or cfg.train.fsdp,
          "train.expert_shards applies with train.fsdp=true only."),
-        (not (cfg.train.compile and cfg.train.fsdp),
-         "train.compile is not supported with train.fsdp yet (FSDP2's hooks are not compiled with "
-         "fullgraph=True); use one of them (train.compile works with train.expert_parallel)."),
     ]
     for ok, message in checks:
         if not ok:

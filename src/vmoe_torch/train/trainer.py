@@ -125,8 +125,10 @@ class Trainer:
         self.model = build_model(cfg, self.train_ds.num_classes).to(self.device)
         # The training forward: the model itself, or with train.compile its compiled
         # form (one graph for every batch of whole routing groups, no graph breaks).
+        # Under FSDP2 each block is compiled instead (in _setup), FSDP's hooks
+        # between blocks staying eager, as torchtitan does.
         self.forward_model: Any = self.model
-        if cfg.train.compile:
+        if cfg.train.compile and not self.fsdp:
             self.forward_model = torch.compile(self.model, dynamic=True, fullgraph=True,
                                                backend=cfg.train.compile_backend)
         if self.expert_parallel:
@@ -187,6 +189,9 @@ class Trainer:
         ckpt, restart = self._read_identity()
         if self.fsdp:
             fsdp.fsdp_expert_parallel(self.model, fsdp.parallel_mesh(self.expert_shards, self.device.type))
+            if self.cfg.train.compile:
+                for block in self.model.blocks:
+                    block.compile(fullgraph=True, dynamic=True, backend=self.cfg.train.compile_backend)
         elif self.expert_parallel:
             expert_parallel(self.model)
         elif self.world > 1:
