@@ -15,7 +15,6 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, cast
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import StochasticDepth
 
 from ..layers import Attention, MapHead, Mlp, PatchEmbed, resample_pos_embed, sincos2d_pos_embed
 from ..layers.roles import no_weight_decay_names
@@ -73,7 +72,10 @@ class Block(nn.Module):
         d, eps = cfg.hidden_size, cfg.layer_norm_eps
         # Stochastic depth on both residual branches, rising linearly with depth.
         rate = cfg.drop_path_rate * index / max(cfg.num_layers - 1, 1)
-        self.drop_path: nn.Module = StochasticDepth(rate, "row") if rate > 0 else nn.Identity()
+        self.drop_path: nn.Module = nn.Identity()
+        if rate > 0:  # imported here: torchvision.ops costs ~1.4 s of start-up (it imports dynamo)
+            from torchvision.ops import StochasticDepth
+            self.drop_path = StochasticDepth(rate, "row")
         self.norm1 = nn.LayerNorm(d, eps=eps)
         self.attn = Attention(d, cfg.num_heads, cfg.attention_dropout_rate, cfg.qk_norm)
         self.drop = nn.Dropout(cfg.dropout_rate)
