@@ -123,14 +123,12 @@ def worker(rank: int, world: int, init: str, root: str, out: str, phase: str, bi
         result.update(params=params, state=state, shard=params + state)
         dist.barrier()
         reset_peak()
-        result["before"] = rss()
         save_sharded_checkpoint(os.path.join(root, "big"), 1, model, opt, {}, keep=1,
                                 files={"config.json": config_json(model.config)})
         result["peak"] = peak()
     else:  # the optimizer state is not allocated yet: the load allocates it
         dist.barrier()
         reset_peak()
-        result["before"] = rss()
         restore(path, model, opt)
         result["peak"] = peak()
         del model, opt

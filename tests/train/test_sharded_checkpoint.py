@@ -14,10 +14,9 @@ import torch
 from safetensors import safe_open
 
 from vmoe_torch.convert.checkpoints import export_checkpoint, load_model
-from vmoe_torch.convert.pretrained import from_pretrained
+from vmoe_torch.convert.pretrained import config_json, from_pretrained
 from vmoe_torch.models.registry import create_model
 from vmoe_torch.train.checkpoint import CorruptCheckpoint, restore, restore_latest, save_sharded_checkpoint
-from vmoe_torch.utils.typed_config import to_dict
 from vmoe_torch.utils.workdir import is_sharded_checkpoint, list_checkpoints
 
 
@@ -39,7 +38,7 @@ def _trained(dtype=torch.float32):
 
 
 def _save(workdir, model, opt, step=2):
-    files = {"config.json": {"format": "vmoe-torch", "format_version": 1, "model": to_dict(model.config)}}
+    files = {"config.json": config_json(model.config)}
     return save_sharded_checkpoint(str(workdir), step, model, opt, {"note": "test"}, keep=2, files=files)
 
 
@@ -129,7 +128,7 @@ def test_export_checkpoint_command_takes_a_work_dir_of_either_layout(tmp_path, c
     from vmoe_torch.train.checkpoint import save_checkpoint
     model, opt = _trained()
     full = tmp_path / "full"
-    files = {"config.json": {"format": "vmoe-torch", "format_version": 1, "model": to_dict(model.config)}}
+    files = {"config.json": config_json(model.config)}
     save_checkpoint(str(full), 2, model.state_dict(), opt.state_dict(), {}, files=files)
     with torch.no_grad():
         for p in model.parameters():

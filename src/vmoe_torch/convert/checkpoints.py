@@ -17,12 +17,12 @@ import json
 import os
 import struct
 import warnings
+from typing import Callable, TypeVar
 
 import torch
 
 from ..distributed import dcp
 from ..models.vit_moe import VisionTransformerMoe
-from ..moe.noise import seed_words
 from ..utils.io import atomic_directory
 from ..utils.state import state_mismatch
 from ..utils.workdir import is_sharded_checkpoint, is_workdir, list_checkpoints
@@ -30,11 +30,13 @@ from .pretrained import (
     FINGERPRINT_KEY,
     architecture_fingerprint,
     from_pretrained,
+    materialize_noise_seeds,
     read_config,
     save_pretrained,
     write_metadata,
 )
 
+T = TypeVar("T")
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                        torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
                        torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -60,11 +62,10 @@ def load_sharded_checkpoint(path: str, map_location: str = "cpu") -> VisionTrans
         model = VisionTransformerMoe(read_config(path))
     specs = _model_specs(path, model)
     model.to_empty(device=map_location)
-    dtypes = {dtype for name, (_, dtype) in specs.items() if dtype.is_floating_point}
+    dtypes = {dtype for _, dtype in specs.values() if dtype.is_floating_point}
     if len(dtypes) == 1:  # the checkpoint's precision, as from_pretrained keeps it
         model.to(dtypes.pop())
-    for layer in model.moe_layers().values():
-        layer.noise_seed_words = seed_words(0).to(map_location)
+    materialize_noise_seeds(model, map_location)
     try:
         dcp.load(path, dcp.model_entries(model), collective=False)
     except Exception as e:  # noqa: BLE001
@@ -101,34 +102,45 @@ def export_checkpoint(path: str, out_dir: str, overwrite: bool = False) -> None:
                 tensor = torch.empty(shape, dtype=dtype)
                 dcp.load(path, {dcp.MODEL + name: tensor}, collective=False)
                 f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-                del tensor
             f.flush()
             os.fsync(f.fileno())
         write_metadata(tmp, cfg, {"exported_from": os.path.abspath(path)})
+
+
+def _newest_readable(workdir: str, use: Callable[[str], T]) -> tuple[str, T]:
+    """(checkpoint, use(checkpoint)) for the newest checkpoint of `workdir`
+    that `use` can read; unreadable newer ones are skipped with a warning, as
+    on resume. A FileExistsError (the output is there) is not skipped."""
+    found = list_checkpoints(workdir)
+    if not found:
+        raise FileNotFoundError(f"Work dir {workdir!r} holds no checkpoint yet.")
+    errors = []
+    for _, ckpt in reversed(found):
+        try:
+            return ckpt, use(ckpt)
+        except FileExistsError:
+            raise
+        except (ValueError, OSError) as e:
+            errors.append(f"{ckpt!r}: {e}")
+            warnings.warn(f"Skipping unreadable checkpoint {ckpt!r}: {e}")
+    raise ValueError(f"No readable checkpoint in {workdir!r}: " + "; ".join(errors))
+
+
+def _export_one(ckpt: str, out_dir: str, overwrite: bool) -> None:
+    if is_sharded_checkpoint(ckpt):
+        export_checkpoint(ckpt, out_dir, overwrite)
+    else:
+        save_pretrained(from_pretrained(ckpt), out_dir, overwrite, source={"exported_from": os.path.abspath(ckpt)})
 
 
 def export_model(path: str, out_dir: str, overwrite: bool = False) -> str:
     """Writes the model of a work dir's newest readable checkpoint, or of one
     checkpoint directory, as a `from_pretrained` directory; a sharded
     checkpoint is streamed (`export_checkpoint`). Returns the checkpoint used."""
-    candidates = [c for _, c in reversed(list_checkpoints(path))] if is_workdir(path) else [path]
-    if not candidates:
-        raise FileNotFoundError(f"Work dir {path!r} holds no checkpoint yet.")
-    errors = []
-    for ckpt in candidates:
-        try:
-            if is_sharded_checkpoint(ckpt):
-                export_checkpoint(ckpt, out_dir, overwrite)
-            else:
-                save_pretrained(from_pretrained(ckpt), out_dir, overwrite,
-                                source={"exported_from": os.path.abspath(ckpt)})
-            return ckpt
-        except (ValueError, OSError) as e:
-            if isinstance(e, FileExistsError):
-                raise
-            errors.append(f"{ckpt!r}: {e}")
-            warnings.warn(f"Skipping unreadable checkpoint {ckpt!r}: {e}")
-    raise ValueError(f"No readable checkpoint in {path!r}: " + "; ".join(errors))
+    if is_workdir(path):
+        return _newest_readable(path, lambda ckpt: _export_one(ckpt, out_dir, overwrite))[0]
+    _export_one(path, out_dir, overwrite)
+    return path
 
 
 def load_model(path: str) -> VisionTransformerMoe:
@@ -137,17 +149,7 @@ def load_model(path: str) -> VisionTransformerMoe:
     resume), from one checkpoint directory, or from a `from_pretrained`
     directory."""
     if is_workdir(path):
-        found = list_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"Work dir {path!r} holds no checkpoint yet.")
-        errors = []
-        for _, ckpt in reversed(found):
-            try:
-                return load_model(ckpt)
-            except (ValueError, OSError) as e:
-                errors.append(f"{ckpt!r}: {e}")
-                warnings.warn(f"Skipping unreadable checkpoint {ckpt!r}: {e}")
-        raise ValueError(f"No readable checkpoint in {path!r}: " + "; ".join(errors))
+        return _newest_readable(path, load_model)[1]
     if is_sharded_checkpoint(path):
         return load_sharded_checkpoint(path)
     if os.path.exists(os.path.join(path, "model.safetensors")):

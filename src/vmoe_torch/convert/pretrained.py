@@ -88,6 +88,13 @@ def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool =
         write_metadata(tmp, model.config, source)
 
 
+def materialize_noise_seeds(model: VisionTransformerMoe, device: str) -> None:
+    """The router-noise seed buffers, which no state dict holds, of a model
+    built on the meta device."""
+    for layer in model.moe_layers().values():
+        layer.noise_seed_words = seed_words(0).to(device)
+
+
 def _check_fingerprint(weights: str, cfg: ModelConfig) -> None:
     from safetensors import safe_open
     with safe_open(weights, framework="pt") as f:
@@ -133,8 +140,7 @@ def from_pretrained(path: str, map_location: str = "cpu", **routing: Any) -> Vis
     check_state(model, state)
     _check_fingerprint(weights, model.config)
     model.load_state_dict(state, strict=True, assign=True)
-    for layer in model.moe_layers().values():  # buffers outside the state dict are still on meta
-        layer.noise_seed_words = seed_words(0).to(map_location)
+    materialize_noise_seeds(model, map_location)
     model.eval()
     if routing:
         model.set_routing(**routing)

@@ -27,16 +27,10 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 
-from .expert_parallel import _local_name
+from .expert_parallel import global_name, is_expert_param
 
 MODEL, OPTIM, RNG = "model/", "optim/", "rng/torch"
 Spec = tuple[tuple[int, ...], torch.dtype]
-
-
-def global_name(name: str) -> str:
-    """'blocks.1.mlp.experts.local.w1' -> 'blocks.1.mlp.experts.w1'; other names unchanged."""
-    local = _local_name(name)
-    return name if local is None else f"{local[0]}.{local[1]}"
 
 
 def _expert_layout(model: nn.Module, device: torch.device) -> tuple[DeviceMesh, list[Placement]]:
@@ -55,7 +49,7 @@ def as_global(model: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
     """`value` (an entry of parameter or buffer `name`, or a state of the
     same shape) as a tensor of the unsharded model: local experts wrapped as
     a DTensor sharing `value`'s storage; anything else unchanged."""
-    if _local_name(name) is None:
+    if not is_expert_param(name):
         return value
     mesh, placements = _expert_layout(model, value.device)
     return DTensor.from_local(value, mesh, placements, run_check=False)
@@ -101,7 +95,7 @@ def optimizer_templates(opt: torch.optim.Optimizer, model: nn.Module,
     for key, (shape, dtype) in specs.items():
         if not key.startswith(OPTIM):
             continue
-        pname = key[len(OPTIM):].rsplit("/", 1)[0]
+        pname, _ = _split_optim_key(key)
         if pname not in params:
             raise ValueError(f"The checkpoint has optimizer state for {pname!r}, which is not a parameter "
                              "of this model.")
@@ -112,6 +106,12 @@ def optimizer_templates(opt: torch.optim.Optimizer, model: nn.Module,
         else:  # a scalar (Adam's step)
             out[key] = torch.zeros(shape, dtype=dtype)
     return out
+
+
+def _split_optim_key(key: str) -> tuple[str, str]:
+    """"optim/<parameter name>/<state key>" -> (parameter name, state key)."""
+    pname, skey = key[len(OPTIM):].rsplit("/", 1)
+    return pname, skey
 
 
 def load_optimizer(opt: torch.optim.Optimizer, model: nn.Module, tensors: Mapping[str, torch.Tensor],
@@ -128,8 +128,8 @@ def load_optimizer(opt: torch.optim.Optimizer, model: nn.Module, tensors: Mappin
     local = {global_name(n): n for n in names.values()}
     state: dict[int, dict[str, Any]] = {}
     for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        pname, skey = key[len(OPTIM):].rsplit("/", 1)
-        if isinstance(value, DTensor) and _local_name(local[pname]) is not None:
+        pname, skey = _split_optim_key(key)
+        if isinstance(value, DTensor) and is_expert_param(local[pname]):
             value = value.to_local()  # the optimizer holds the local experts' state
         state.setdefault(index[pname], {})[skey] = value
     groups = [{**{k: tuple(v) if isinstance(own.get(k), tuple) and isinstance(v, list) else v  # JSON: betas

@@ -72,7 +72,6 @@ class ShardedExperts(nn.Module):
         out = all_to_all(back, recv_rows, [rows] * w, group=self.group)
         return out.reshape(experts, n, dim)
 
-
     def _forward_traceable(self, buffers: torch.Tensor) -> torch.Tensor:
         """`forward` under torch.compile: functional collectives (traced into
         the graph, with autograd), no exchange of buffer sizes. Assumes every
@@ -108,11 +107,12 @@ class ShardedExperts(nn.Module):
         w, el = self.world, self.local_experts
         counts = torch.diff(offsets.long(), prepend=offsets.new_zeros(1).long())      # (E,) rows per expert
         device = comm_device(self.group)
+        counts = counts.to(device)
         recv_counts = torch.empty(w * el, dtype=torch.long, device=device)
-        dist.all_to_all_single(recv_counts, counts.to(device), group=self.group)  # (source, local expert)
-        send_rows = counts.view(w, el).sum(1).tolist()
+        dist.all_to_all_single(recv_counts, counts, group=self.group)             # (source, local expert)
+        rows = torch.stack([counts.view(w, el).sum(1), recv_counts.view(w, el).sum(1)]).tolist()  # the host read
+        send_rows, recv_rows = rows
         recv_matrix = recv_counts.view(w, el).to(x.device)
-        recv_rows = recv_matrix.sum(1).tolist()
         recv = all_to_all(x, send_rows, recv_rows, group=self.group)               # (sum recv, D)
         # expert of each received row, then a stable sort into expert order
         expert_ids = torch.arange(el, device=x.device).repeat(w)
@@ -186,13 +186,15 @@ def sync_gradients(model: nn.Module, group=None) -> None:
             p.grad /= world
 
 
-def _local_name(name: str) -> Optional[tuple[str, str]]:
-    """'blocks.1.mlp.experts.local.w1' -> ('blocks.1.mlp.experts', 'w1')."""
+def global_name(name: str) -> str:
+    """A sharded model's name as the unsharded model names it:
+    'blocks.1.mlp.experts.local.w1' -> 'blocks.1.mlp.experts.w1'; other
+    names unchanged."""
     for key in _EXPERT_KEYS:
         suffix = f".experts.local.{key}"
         if name.endswith(suffix):
-            return name[: -len(suffix)] + ".experts", key
-    return None
+            return name[: -len(suffix)] + f".experts.{key}"
+    return name
 
 
 @torch.no_grad()
@@ -202,13 +204,12 @@ def gather_state_dict(model: nn.Module, group=None) -> dict[str, torch.Tensor]:
     world = dist.get_world_size(group)
     out = {}
     for name, value in model.state_dict().items():
-        local = _local_name(name)
-        if local is None:
+        if not is_expert_param(name):
             out[name] = value
             continue
         parts = [torch.empty_like(value) for _ in range(world)]
         dist.all_gather(parts, value.contiguous(), group=group)
-        out[f"{local[0]}.{local[1]}"] = torch.cat(parts)
+        out[global_name(name)] = torch.cat(parts)
     return out
 
 
@@ -218,11 +219,10 @@ def shard_state_dict(full: dict[str, torch.Tensor], model: nn.Module, group=None
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     out = {}
     for name in model.state_dict():
-        local = _local_name(name)
-        if local is None:
+        if not is_expert_param(name):
             out[name] = full[name]
             continue
-        tensor = full[f"{local[0]}.{local[1]}"]
+        tensor = full[global_name(name)]
         per = tensor.shape[0] // world
         out[name] = tensor[rank * per:(rank + 1) * per].clone()
     return out

@@ -33,7 +33,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..moe.layer import MoeMlp
-from .expert_parallel import ShardedExperts, _local_name, is_expert_param
+from .expert_parallel import ShardedExperts, global_name, is_expert_param
 
 
 def parallel_mesh(expert_shards: int, device_type: str = "cpu") -> DeviceMesh:
@@ -142,10 +142,9 @@ def unsharded(model: nn.Module, name: str, value: torch.Tensor) -> tuple[str, to
     collective call: every rank calls it for the same names."""
     if isinstance(value, DTensor):
         return name, value.full_tensor()
-    local = _local_name(name)
-    if local is None:
+    if not is_expert_param(name):
         return name, value
-    return f"{local[0]}.{local[1]}", _gather_experts(_mesh(model), value)
+    return global_name(name), _gather_experts(_mesh(model), value)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -241,10 +241,10 @@ class TopExpertsRouter(_GatingRouter):
         metrics["capacity"] = torch.tensor(capacity)
         return self.wrap(dispatcher), metrics
 
-
     def _dropless(self, gates: Tensor, metrics: Metrics) -> tuple[Dispatcher, Metrics]:
-        """Every top-K choice kept: the plan's buffer index is a choice's rank
-        among its expert's choices, and its capacity the largest such count."""
+        """Every top-K choice kept. The plan (for routing_stats) keeps every
+        choice in a one-slot buffer; the `capacity` metric is the fullest
+        expert's row count."""
         groups, size, _ = gates.shape
         k = self.config.num_selected_experts
         top_gates, expert_index = sorted_top_k(gates, k)

@@ -22,7 +22,7 @@ import yaml
 
 from ..config.schema import ExperimentConfig, config_to_dict
 from ..convert.checkpoints import export_checkpoint, load_model
-from ..convert.pretrained import from_pretrained, save_pretrained
+from ..convert.pretrained import config_json, from_pretrained, save_pretrained
 from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model_range
 from ..distributed import fsdp
 from ..distributed.comm import comm_device
@@ -39,7 +39,6 @@ from ..models.registry import create_model
 from ..models.vit_moe import VisionTransformerMoe
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.seeds import derive_seed
-from ..utils.typed_config import to_dict
 from ..utils.workdir import check_writable, checkpoint_dir, latest_checkpoint, list_checkpoints
 from .checkpoint import restore_latest, save_checkpoint, save_sharded_checkpoint
 from .logger import MetricsLogger
@@ -236,7 +235,7 @@ class Trainer:
         extra = {"data_position": {"step": step, "batch_size": self.cfg.data.batch_size, "seed": self.cfg.data.seed},
                  "world_size": self.world, "expert_parallel": self.expert_parallel, "fsdp": self.fsdp,
                  "expert_shards": self.expert_shards}
-        files = {"config.json": {"format": "vmoe-torch", "format_version": 1, "model": to_dict(self.model.config)}}
+        files = {"config.json": config_json(self.model.config)}
         keep = self.cfg.train.keep_checkpoints
         if self.sharded:
             return save_sharded_checkpoint(self.workdir, step, self.model, self.optimizer, extra, keep, files)
