@@ -44,9 +44,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vmoe_torch import create_model
-from vmoe_torch.convert.checkpoints import export_checkpoint
-from vmoe_torch.convert.pretrained import config_json
 from vmoe_torch.distributed import fsdp
+from vmoe_torch.models.loading import consolidate_checkpoint
+from vmoe_torch.storage.pretrained import config_json
 from vmoe_torch.train.checkpoint import restore, save_checkpoint, save_sharded_checkpoint
 
 BIG = dict(hidden_size=384, mlp_dim=1536, num_heads=6, num_layers=12, layers=(1, 3, 5, 7, 9, 11),
@@ -136,7 +136,7 @@ def worker(rank: int, world: int, init: str, root: str, out: str, phase: str, bi
         if rank == 0:
             reset_peak()
             before_export = rss()
-            export_checkpoint(path, os.path.join(root, "exported"))
+            consolidate_checkpoint(path, os.path.join(root, "exported"))
             result["export_extra"] = peak() - before_export
     with open(os.path.join(out, f"{phase}{rank}.json"), "w") as f:
         json.dump(result, f)

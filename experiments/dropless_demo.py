@@ -16,9 +16,9 @@ import time
 import torch
 
 from vmoe_torch.config import load_config
-from vmoe_torch.convert.checkpoints import load_model
 from vmoe_torch.data.pipeline import build_datasets, eval_batches
 from vmoe_torch.evaluate.classification import evaluate_classification
+from vmoe_torch.models.loading import load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

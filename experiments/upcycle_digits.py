@@ -25,8 +25,8 @@ import time
 
 import torch
 
+from vmoe_torch import save_pretrained
 from vmoe_torch.config import load_config
-from vmoe_torch.convert.pretrained import save_pretrained
 from vmoe_torch.train.trainer import Trainer
 from vmoe_torch.upcycling import upcycle
 

@@ -39,8 +39,7 @@ def test_results_respect_the_umask(tmp_path):
 
     import torch
 
-    from vmoe_torch import create_model
-    from vmoe_torch.convert.pretrained import save_pretrained
+    from vmoe_torch import create_model, save_pretrained
     from vmoe_torch.utils.io import atomic_directory
     old = os.umask(0o022)
     try:

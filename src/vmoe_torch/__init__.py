@@ -1,4 +1,6 @@
 """vmoe-torch: V-MoE (Riquelme et al. 2021, arXiv 2106.05974) in PyTorch."""
+from typing import Any, Optional
+
 from .models import ModelConfig, MoeConfig, VisionTransformerMoe, create_model, list_models
 from .models.aux_loss import WithAuxiliaryLoss
 from .moe import MoeMlp, RoutingConfig
@@ -22,16 +24,16 @@ __all__ = ["ModelConfig", "MoeConfig", "VisionTransformerMoe", "create_model", "
            "MoeMlp", "RoutingConfig", "WithAuxiliaryLoss", "from_pretrained", "save_pretrained", "upcycle"]
 
 
-def from_pretrained(path: str, **kwargs):
+def from_pretrained(path: str, **kwargs: Any) -> VisionTransformerMoe:
     """Loads a model exported with `vmoe convert` or `save_pretrained`
     (model.safetensors + config.json)."""
-    from .convert.pretrained import from_pretrained as _load
-    return _load(path, **kwargs)
+    return VisionTransformerMoe.from_pretrained(path, **kwargs)
 
 
-def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool = False) -> None:
+def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool = False,
+                    source: Optional[dict[str, Any]] = None) -> None:
     """`model.save_pretrained(out_dir)`: model.safetensors + config.json + README.md."""
-    model.save_pretrained(out_dir, overwrite=overwrite)
+    model.save_pretrained(out_dir, overwrite=overwrite, source=source)
 
 
 def upcycle(source, model, **options):

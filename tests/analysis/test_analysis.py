@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from vmoe_torch.analysis.report import _Recorder, analyze
+from vmoe_torch.analysis.recording import record_routing
+from vmoe_torch.analysis.report import analyze
 from vmoe_torch.analysis.stats import (
     class_expert_counts,
     flatten_runs,
@@ -32,7 +33,7 @@ def test_processed_fraction_matches_dispatcher(trained):
     model, ds = trained.model, trained.test_ds
     images, _ = next(iter(eval_batches(ds, 32)))
     for cf, expect_all in ((8.0, True), (0.25, False)):
-        with model.routing(capacity_factor=cf), _Recorder(model) as rec, torch.no_grad():
+        with model.routing(capacity_factor=cf), record_routing(model) as rec, torch.no_grad():
             _, metrics = model(to_model_range(images), return_metrics=True)
         for name, runs in rec.items():
             frac = float(processed_mask(flatten_runs(runs)["kept"]).float().mean())
@@ -45,7 +46,7 @@ def test_bpr_at_low_capacity_keeps_top_priority_tokens(trained):
     model, ds = trained.model, trained.test_ds
     images, _ = next(iter(eval_batches(ds, 32)))
     with model.routing(capacity_factor=0.25, batch_priority=True, num_selected_experts=1), \
-            _Recorder(model) as rec, torch.no_grad():
+            record_routing(model) as rec, torch.no_grad():
         model(to_model_range(images))
     for runs in rec.values():
         for run in runs:
@@ -85,7 +86,7 @@ def test_report_renders(trained, tmp_path):
     assert "capacity_sweep.png" in report and "normalised mutual information" in report
     assert (out / "capacity_sweep.csv").exists()
     # The analysis leaves routing settings as they were.
-    assert all(layer.routing.capacity_factor == 1.05 and layer.recorded is None
+    assert all(layer.routing.capacity_factor == 1.05 and not layer.router._forward_hooks
                for layer in trained.model.moe_layers().values())
     assert 0 <= res["ablation"]["MoE outputs zeroed"] <= 1
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import MODELS
 
-from vmoe_torch import create_model, from_pretrained
+from vmoe_torch import create_model, from_pretrained, save_pretrained
 from vmoe_torch.cli.main import main as cli
 from vmoe_torch.convert import (
     CheckpointError,
@@ -19,7 +19,6 @@ from vmoe_torch.convert import (
     model_from_reference,
     model_to_reference,
     read_reference_checkpoint,
-    save_pretrained,
     write_reference_checkpoint,
 )
 from vmoe_torch.convert.native import read_index

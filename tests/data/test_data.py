@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vmoe_torch.config.schema import DataConfig
+from vmoe_torch.config.experiment import DataConfig
 from vmoe_torch.data import build_datasets, make_cluttered_digits, step_batches
 from vmoe_torch.data.pipeline import ImageDataset
 

@@ -168,7 +168,7 @@ def test_set_input_size_and_dynamic_img_size():
 def test_pretrained_loads_local_files_only(tmp_path):
     src = timm.create_model("vmoe_mi4_every2_e8_k2", num_classes=10).eval()
     torch.nn.init.normal_(src.head.weight)
-    from vmoe_torch.convert.pretrained import save_pretrained
+    from vmoe_torch import save_pretrained
     save_pretrained(src, str(tmp_path / "m"))
     x = _x()
     same = timm.create_model("vmoe_mi4_every2_e8_k2", num_classes=10, pretrained=True,
@@ -186,7 +186,7 @@ def test_pretrained_loads_local_files_only(tmp_path):
 
 
 def test_save_pretrained_round_trips_after_contract_changes(tmp_path):
-    from vmoe_torch.convert.pretrained import from_pretrained, save_pretrained
+    from vmoe_torch import from_pretrained, save_pretrained
     m = timm.create_model("vmoe_mi4_every2_e8_k2", num_classes=10).eval()
     m.reset_classifier(4)
     torch.nn.init.normal_(m.head.weight)

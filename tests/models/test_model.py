@@ -167,6 +167,6 @@ def test_dense_vit_of_same_shape_has_fewer_params():
 
 
 def test_model_config_from_dict_round_trip():
-    from vmoe_torch.utils.typed_config import from_dict, to_dict
+    from vmoe_torch.config.typed import from_dict, to_dict
     cfg = resolve_config("vmoe_s32_last2")
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg

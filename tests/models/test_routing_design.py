@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from vmoe_torch import MoeMlp, RoutingConfig, VisionTransformerMoe, create_model
-from vmoe_torch.convert.pretrained import from_pretrained, save_pretrained
+from vmoe_torch import MoeMlp, RoutingConfig, VisionTransformerMoe, create_model, from_pretrained, save_pretrained
 from vmoe_torch.models import LayerRouting
 
 

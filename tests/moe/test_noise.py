@@ -68,7 +68,7 @@ def test_layer_noise_follows_the_seed_and_the_rank_offset():
     twin = MoeMlp(16, 32, 4, group_size=8, num_selected_experts=2).train()
     twin.load_state_dict(layer.state_dict())
     twin.noise_seed = 7
-    twin.rank = 1  # second of two ranks: global groups 2, 3
+    twin.noise.shard = 1  # second of two ranks: global groups 2, 3
     y2, _ = twin(x[2:])
     torch.testing.assert_close(y2, y[2:], rtol=0, atol=0)
     layer.noise_seed = 8

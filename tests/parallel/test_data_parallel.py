@@ -23,7 +23,7 @@ def test_rank_offset_gives_each_rank_the_noise_of_its_own_groups():
         for rank in range(2):  # what data_parallel() sets on rank r of 2
             replica = copy.deepcopy(model)
             for layer in replica.moe_layers().values():
-                layer.rank = rank
+                layer.noise.shard = rank
             ranks.append(replica(x[rank * 4:(rank + 1) * 4]))
         same_noise = copy.deepcopy(model)  # the old behaviour: every rank at offset 0
         stale = same_noise(x[4:])

@@ -113,7 +113,7 @@ def test_fsdp_resume_on_other_world_sizes(tmp_path, reference, reference_dir, fl
     import torch
 
     import vmoe_torch
-    from vmoe_torch.convert.checkpoints import load_model
+    from vmoe_torch.models.loading import load_model
     done = tmp_path / f"resume{resume_worlds[0]}"
     model = vmoe_torch.from_pretrained(str(done / "final"))
     assert model.moe_layers()["encoderblock_0"].experts.w1.shape[0] == 4
@@ -152,7 +152,7 @@ def test_kills_during_a_sharded_save_keep_the_last_checkpoint(tmp_path, referenc
     removes the orphan and resumes from it with the uninterrupted run's
     losses. Then a truncated shard in the newest checkpoint is skipped for
     the older one."""
-    from vmoe_torch.utils.workdir import list_checkpoints
+    from vmoe_torch.storage.workdir import list_checkpoints
     flags = ("--fsdp", "--expert-parallel")
     wd = tmp_path / "run"
 

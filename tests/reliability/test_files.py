@@ -53,7 +53,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
 
 
 def test_second_run_in_a_work_dir_is_refused_and_stale_locks_are_taken(tmp_path):
-    from vmoe_torch.train.workdir_lock import LOCK_NAME, WorkdirLock
+    from vmoe_torch.storage.lock import LOCK_NAME, WorkdirLock
     held = WorkdirLock(str(tmp_path))
     held.acquire()
     try:

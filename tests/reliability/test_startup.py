@@ -87,7 +87,7 @@ def test_world_size_not_dividing_experts_is_reported_once(capsys, monkeypatch):
 
 
 def test_load_model_skips_an_unreadable_newest_checkpoint(tmp_path):
-    from vmoe_torch.convert.checkpoints import load_model
+    from vmoe_torch.models.loading import load_model
     Trainer(load_config(None, TINY + ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3"]),
             str(tmp_path)).fit()
     newest = list_checkpoints(str(tmp_path))[-1][1]

@@ -61,13 +61,13 @@ def test_every_config_file_loads():
     ("model.name=ViT-Q/16", "Cannot parse model description"),
 ])
 def test_enumerated_and_typed_fields_are_checked_at_load(override, match):
-    from vmoe_torch.utils.typed_config import ConfigError
+    from vmoe_torch.config.typed import ConfigError
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
 
 
 def test_finetune_overrides_are_routing_changes_checked_at_load():
-    from vmoe_torch.utils.typed_config import ConfigError
+    from vmoe_torch.config.typed import ConfigError
     load_config(None, ["finetune.init=/somewhere", "model.overrides.capacity_factor=1.5"])
     with pytest.raises(ConfigError, match="Unknown routing setting"):
         load_config(None, ["finetune.init=/somewhere", "model.overrides.capacity_factr=1.5"])
@@ -87,7 +87,7 @@ def _leaves(cls, prefix=""):
 
 
 def _schema_keys():
-    from vmoe_torch.config.schema import ExperimentConfig
+    from vmoe_torch.config.experiment import ExperimentConfig
     return sorted(_leaves(ExperimentConfig))
 
 
@@ -106,8 +106,8 @@ _VALUES = st.one_of(
 def test_fuzzed_configs_load_or_raise_a_clear_config_error(changes):
     """Random types and values for every field: either a valid config or a
     ConfigError that names a key; never another exception."""
-    from vmoe_torch.config.schema import ExperimentConfig, _set_dotted, from_dict, validate
-    from vmoe_torch.utils.typed_config import ConfigError
+    from vmoe_torch.config.experiment import ExperimentConfig, _set_dotted, from_dict, validate
+    from vmoe_torch.config.typed import ConfigError
     data: dict = {}
     for key, value in changes.items():
         _set_dotted(data, key, value)
@@ -122,6 +122,6 @@ def test_fuzzed_configs_load_or_raise_a_clear_config_error(changes):
 
 def test_zero_grad_accum_is_a_config_error_not_a_division_by_zero():
     from vmoe_torch.config import load_config
-    from vmoe_torch.config.schema import ConfigError
+    from vmoe_torch.config.experiment import ConfigError
     with pytest.raises(ConfigError, match="grad_accum must be >= 1"):
         load_config(None, ["train.grad_accum=0"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vmoe_torch import create_model
-from vmoe_torch.config.schema import OptimConfig, ScheduleConfig
+from vmoe_torch.config.experiment import OptimConfig, ScheduleConfig
 from vmoe_torch.train.losses import sigmoid_xent, softmax_xent
 from vmoe_torch.train.optim import build_optimizer, clip_grad_norm, learning_rate
 

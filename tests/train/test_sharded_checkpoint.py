@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vmoe_torch.convert.checkpoints import export_checkpoint, load_model
-from vmoe_torch.convert.pretrained import config_json, from_pretrained
-from vmoe_torch.models.registry import create_model
+from vmoe_torch import from_pretrained
+from vmoe_torch.models import create_model
+from vmoe_torch.models.loading import consolidate_checkpoint, load_model
+from vmoe_torch.storage.pretrained import config_json
+from vmoe_torch.storage.workdir import is_sharded_checkpoint, list_checkpoints
 from vmoe_torch.train.checkpoint import CorruptCheckpoint, restore, restore_latest, save_sharded_checkpoint
-from vmoe_torch.utils.workdir import is_sharded_checkpoint, list_checkpoints
 
 
 def _model(**kw):
@@ -74,7 +75,7 @@ def test_streaming_export_gives_the_same_logits(tmp_path, dtype):
     model, opt = _trained(dtype)
     path = _save(tmp_path / "wd", model, opt)
     out = tmp_path / "exported"
-    export_checkpoint(path, str(out))
+    consolidate_checkpoint(path, str(out))
     weights = out / "model.safetensors"
     with open(weights, "rb") as f:
         header_size = struct.unpack("<Q", f.read(8))[0]
@@ -90,7 +91,7 @@ def test_streaming_export_gives_the_same_logits(tmp_path, dtype):
         assert other.training is False
         assert torch.equal(other(x), expected)
     with pytest.raises(FileExistsError):
-        export_checkpoint(path, str(out))
+        consolidate_checkpoint(path, str(out))
 
 
 def test_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path):
@@ -123,7 +124,7 @@ def test_unreadable_shard_falls_back_to_the_older_checkpoint(tmp_path):
         restore_latest(str(tmp_path), fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3))
 
 
-def test_export_checkpoint_command_takes_a_work_dir_of_either_layout(tmp_path, capsys):
+def test_consolidate_command_takes_a_work_dir_of_either_layout(tmp_path, capsys):
     from vmoe_torch.cli.main import main
     from vmoe_torch.train.checkpoint import save_checkpoint
     model, opt = _trained()
@@ -137,7 +138,7 @@ def test_export_checkpoint_command_takes_a_work_dir_of_either_layout(tmp_path, c
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     for wd in ("full", "sharded"):
-        assert main(["export-checkpoint", str(tmp_path / wd), str(tmp_path / f"out-{wd}")]) == 0
+        assert main(["consolidate", str(tmp_path / wd), str(tmp_path / f"out-{wd}")]) == 0
         assert "wrote" in capsys.readouterr().out
     assert torch.equal(from_pretrained(str(tmp_path / "out-sharded"))(x), model(x))
     assert not torch.equal(from_pretrained(str(tmp_path / "out-full"))(x), model(x))  # the earlier weights

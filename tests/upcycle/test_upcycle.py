@@ -152,7 +152,7 @@ def test_upcycled_model_trains_and_resumes_after_sigkill(tmp_path):
     run SIGKILLed after its first checkpoint resumes to the same losses."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from vmoe_torch.convert.pretrained import save_pretrained
+    from vmoe_torch import save_pretrained
     torch.manual_seed(0)
     src = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
                             num_classes=10)

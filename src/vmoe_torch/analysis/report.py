@@ -17,6 +17,7 @@ rows per token equal its slots per token, C_eq = E*p / (S*K).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -31,6 +32,7 @@ from ..evaluate.classification import routing_grid
 from ..models.ensemble import ensemble_log_probs
 from ..utils.io import atomic_write_json, atomic_write_text
 from . import plots
+from .recording import record_routing
 from .stats import (
     accuracy_by_group_position,
     class_expert_counts,
@@ -44,42 +46,18 @@ from .stats import (
 CAPACITY_FACTORS = (0.125, 0.25, 0.5, 0.75, 1.0, 1.05, 1.5, 2.0)
 
 
-class _Recorder:
-    """Turns on routing recording in every MoE layer for a `with` block."""
-
-    def __init__(self, model) -> None:
-        self.layers = model.moe_layers()
-
-    def __enter__(self) -> dict[str, list]:
-        for layer in self.layers.values():
-            layer.recorded = []
-        return {name: layer.recorded for name, layer in self.layers.items()}
-
-    def __exit__(self, *exc) -> None:
-        for layer in self.layers.values():
-            layer.recorded = None
-
-
 @torch.no_grad()
 def _pass(model, ds, batch_size: int, record: bool = False):
     """Predictions, labels and (optionally) recorded routing over `ds`."""
     model.eval()
     device = next(model.parameters()).device
     preds, labels = [], []
-    with _Recorder(model) if record else _NullCtx() as rec:
+    with record_routing(model) if record else contextlib.nullcontext() as rec:
         for images, y in eval_batches(ds, batch_size):
             logits = model(to_model_range(images.to(device)))
             preds.append(ensemble_log_probs(logits, model.ensemble_size).argmax(-1).cpu())
             labels.append(y)
     return torch.cat(preds).numpy(), torch.cat(labels).numpy(), rec
-
-
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
@@ -170,7 +148,7 @@ def analyze(model, test_ds, out_dir: str, eval_batch_size: int = 128,
     maps: dict[str, dict[str, np.ndarray]] = {n: {} for n in layers}
     for bpr in (False, True):
         with model.routing(num_selected_experts=trained_k, capacity_factor=low_capacity, batch_priority=bpr):
-            with _Recorder(model) as rec, torch.no_grad():
+            with record_routing(model) as rec, torch.no_grad():
                 model(to_model_range(images.to(next(model.parameters()).device)))
         for name, runs in rec.items():
             flat = flatten_runs(runs)

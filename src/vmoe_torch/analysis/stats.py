@@ -1,7 +1,7 @@
 """Routing statistics computed from recorded routing plans (pure functions
 of tensors; no plotting here).
 
-A recorded run (see `MoeMlp.recorded`) holds, for G groups of S tokens:
+A recorded run (see `vmoe_torch.analysis.recording.record_routing`) holds, for G groups of S tokens:
 expert_index (G, S, K), buffer_index (G, S, K), gates (G, S, K), capacity.
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert import load_reference_config, model_from_reference, save_pretrained
+    from ..convert import load_reference_config, model_from_reference
     from ..convert.released import RELEASED, released_config
 
     if os.path.exists(args.out_dir) and not args.overwrite:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = model_from_reference(args.prefix, kwargs, image_size, allow_nonfinite=args.allow_nonfinite)
     source["reference_prefix"] = os.path.abspath(args.prefix)
-    save_pretrained(model, args.out_dir, overwrite=args.overwrite, source=source)
+    model.save_pretrained(args.out_dir, overwrite=args.overwrite, source=source)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {n:,} parameters in {time.perf_counter() - start:.1f}s -> {args.out_dir}")
     return 0

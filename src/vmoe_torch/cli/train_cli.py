@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Sequence
 
 from ..utils.io import atomic_write_json
@@ -81,15 +82,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "sweep at matched compute")
     p.set_defaults(func=run_analyze)
 
-    p = sub.add_parser("export-checkpoint",
-                       help="a training checkpoint (either layout) as a from_pretrained directory",
+    p = sub.add_parser("consolidate", aliases=["export-checkpoint"],
+                       help="a training checkpoint (either layout) as one from_pretrained directory",
                        description="Writes the model of WORKDIR's newest readable checkpoint (or of one "
                                    "checkpoint directory) as OUT_DIR (model.safetensors, config.json, "
                                    "README.md). Sharded checkpoints are streamed one tensor at a time.")
     p.add_argument("checkpoint", help="a training work dir or one of its checkpoints/step_* directories")
     p.add_argument("out", help="the from_pretrained directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.set_defaults(func=run_export_checkpoint)
+    p.set_defaults(func=run_consolidate)
 
     p = sub.add_parser("demo", help="the bundled end-to-end demo (make demo)",
                        description="Trains a tiny V-MoE and the dense ViT of the same backbone on the "
@@ -146,9 +147,9 @@ def exit_code(summary: dict) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..convert.checkpoints import load_model
     from ..data.pipeline import build_datasets, eval_batches
     from ..evaluate.classification import evaluate_at_capacity, format_grid, routing_grid
+    from ..models.loading import load_model
     own = os.path.join(args.checkpoint, "config.yaml")
     if args.config is None and os.path.exists(own):  # a training work dir: evaluate on its own data
         args.config = own
@@ -172,9 +173,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
-    from ..convert.checkpoints import load_model
     from ..data.pipeline import build_datasets, eval_batches
     from ..evaluate.fewshot import extract_features, fewshot_evaluate
+    from ..models.loading import load_model
     cfg = _load(args)
     model = load_model(args.checkpoint)
     train, test = build_datasets(cfg.data)
@@ -189,9 +190,11 @@ def run_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_export_checkpoint(args: argparse.Namespace) -> int:
-    from ..convert.checkpoints import export_model
-    used = export_model(args.checkpoint, args.out, args.overwrite)
+def run_consolidate(args: argparse.Namespace) -> int:
+    from ..models.loading import consolidate
+    if args.command == "export-checkpoint":
+        print("vmoe export-checkpoint is now `vmoe consolidate`; the old name will be removed.", file=sys.stderr)
+    used = consolidate(args.checkpoint, args.out, args.overwrite)
     print(f"wrote {args.out} from {used}")
     return 0
 
@@ -199,8 +202,8 @@ def run_export_checkpoint(args: argparse.Namespace) -> int:
 def run_analyze(args: argparse.Namespace) -> int:
     from ..analysis.report import analyze
     from ..config import load_config
-    from ..convert.checkpoints import load_model
     from ..data.pipeline import build_datasets
+    from ..models.loading import load_model
     if args.data.endswith((".yaml", ".yml")):
         cfg = load_config(args.data, args.overrides)
     else:

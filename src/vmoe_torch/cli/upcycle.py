@@ -42,7 +42,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert.pretrained import save_pretrained
     from ..convert.reference import load_reference_config
     from ..upcycling import read_dense, upcycle
 
@@ -67,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     source = {"kind": "upcycled", "from": args.source_format or src.description.split()[0],
               "path": os.path.abspath(args.source), "model": args.model, "noise_std": args.noise_std,
               "seed": args.seed, "notes": src.notes}
-    save_pretrained(model, args.out_dir, overwrite=args.overwrite, source=source)
+    model.save_pretrained(args.out_dir, overwrite=args.overwrite, source=source)
     moe = model.config.moe
     assert moe is not None
     print(f"upcycled {args.source} -> {args.out_dir}: E={moe.num_experts} in blocks {list(moe.layers)}")

@@ -6,8 +6,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from ..models.config import ModelConfig, MoeConfig, as_pair
-from ..moe.config import RoutingConfig
+from ..config.model import ModelConfig, MoeConfig, as_pair
+from ..config.routing import RoutingConfig
 
 # Keys that only matter for training, sharding or the JAX runtime.
 _IGNORED = {"deterministic", "dtype", "partition_spec", "split_rngs", "einsum_precision",

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..models.variants import BACKBONES, every_n, last_n
+from ..config.descriptions import BACKBONES, every_n, last_n
 
 
 @dataclass(frozen=True)

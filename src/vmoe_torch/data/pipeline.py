@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config.schema import DataConfig
+from ..config.experiment import DataConfig
 from ..utils.seeds import derive_seed
 from .digits import make_cluttered_digits
 

@@ -144,7 +144,7 @@ def expert_parallel(model: nn.Module, group=None) -> nn.Module:
     and sets each layer's first global group index for per-group noise."""
     for layer in _moe_layers(model):
         layer.experts = ShardedExperts(layer.experts, group)  # type: ignore[assignment]
-        layer.rank = dist.get_rank(group)
+        layer.noise.shard = dist.get_rank(group)
     return model
 
 
@@ -154,7 +154,7 @@ def data_parallel(model: nn.Module, group=None) -> nn.Module:
     groups, as one process would on the whole batch (not the same noise on
     every rank)."""
     for layer in _moe_layers(model):
-        layer.rank = dist.get_rank(group)
+        layer.noise.shard = dist.get_rank(group)
     return model
 
 

@@ -58,7 +58,7 @@ def fsdp_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
                 raise ValueError(f"{ep} expert shards must divide the {layer.num_experts} experts of every MoE "
                                  f"layer; valid: {valid}.")
             layer.experts = ShardedExperts(layer.experts, mesh.get_group("ep"))  # type: ignore[assignment]
-        layer.rank = dist.get_rank()  # this rank's data share: its groups' global indices
+        layer.noise.shard = dist.get_rank()  # this rank's data share: its groups' global indices
     flat = init_device_mesh(mesh.device_type, (world,), mesh_dim_names=("fsdp",))
     experts = {p for n, p in model.named_parameters() if is_expert_param(n)}
     for block in getattr(model, "blocks", []):

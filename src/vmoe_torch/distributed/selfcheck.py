@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..models.registry import create_model
+from ..models.factory import create_model
 from ..models.vit_moe import VisionTransformerMoe
 from .expert_parallel import expert_parallel, gather_state_dict, is_expert_param, sync_gradients
 

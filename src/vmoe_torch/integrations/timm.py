@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..models.config import ModelConfig
-from ..models.registry import PRESETS, override_config
+from ..config.catalogue import PRESETS, override_config
+from ..config.model import ModelConfig
 from ..models.timm_contract import POOLS, default_pretrained_cfg
 from ..models.vit_moe import VisionTransformerMoe
 

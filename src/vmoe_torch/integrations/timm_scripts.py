@@ -24,6 +24,10 @@ from typing import Any, Optional
 
 import torch
 
+from ..models.ensemble import ensemble_log_probs
+from ..models.vit_moe import VisionTransformerMoe
+from ..utils.io import atomic_write_text
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("timm-train", help="train any timm-registered model with timm's components "
@@ -96,7 +100,6 @@ def _loader(timm: Any, model: torch.nn.Module, root: str, batch_size: int, train
 
 def train(args: argparse.Namespace) -> int:
     timm = _require_timm()
-    from ..models.vit_moe import VisionTransformerMoe
     from .timm_task import MoeClassificationTask
     train_dir = _split_dir(args.data_dir, "train")
     final = os.path.join(args.output, "model")
@@ -156,7 +159,6 @@ def evaluate_loader(model: torch.nn.Module, loader: Any) -> dict[str, float]:
     model is scored on its members' averaged probabilities."""
     from timm.utils import accuracy
 
-    from ..models.ensemble import ensemble_log_probs
     members = getattr(model, "ensemble_size", 1)
     model.eval()
     totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0}
@@ -178,9 +180,8 @@ def evaluate_loader(model: torch.nn.Module, loader: Any) -> dict[str, float]:
 
 def validate(args: argparse.Namespace, results: Optional[dict[str, Any]] = None) -> int:
     timm = _require_timm()
-    from ..convert.pretrained import from_pretrained
     root = _split_dir(args.data_dir, args.split)
-    model = from_pretrained(args.checkpoint)
+    model = VisionTransformerMoe.from_pretrained(args.checkpoint)
     loader = _loader(timm, model, root, args.batch_size, False, args.workers)
     out: dict[str, Any] = dict(evaluate_loader(model, loader))
     out.update(checkpoint=args.checkpoint, split=args.split, input_size=list(model.default_cfg["input_size"]),
@@ -188,7 +189,6 @@ def validate(args: argparse.Namespace, results: Optional[dict[str, Any]] = None)
     text = json.dumps(out, indent=2)
     print(text)
     if args.results_file:
-        from ..utils.io import atomic_write_text
         atomic_write_text(args.results_file, text + "\n")
     if results is not None:
         results.update(out)

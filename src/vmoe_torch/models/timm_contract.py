@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from torch import Tensor, nn
 
-from .config import ModelConfig, as_pair
+from ..config.model import ModelConfig, as_pair
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Any, Iterator, Mapping, Optional, Sequence, cast
 
@@ -16,12 +17,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import Attention, MapHead, Mlp, PatchEmbed, resample_pos_embed, sincos2d_pos_embed
+from ..config.model import LayerRouting, ModelConfig
+from ..config.routing import RoutingConfig
+from ..config.typed import from_dict
+from ..layers import MapHead, Mlp, PatchEmbed, resample_pos_embed, sincos2d_pos_embed
+from ..layers.block import Block
+from ..layers.init import lecun_normal_
 from ..layers.roles import no_weight_decay_names
 from ..moe import MoeMlp
-from ..moe.config import RoutingConfig
+from ..moe.noise import seed_words
+from ..storage import pretrained as files
 from .aux_loss import AuxLossGuard
-from .config import LayerRouting, ModelConfig
 from .timm_contract import POOLS, TimmContract, default_pretrained_cfg
 
 Metrics = dict[str, Tensor]
@@ -64,41 +70,24 @@ def check_images(images: Tensor, patch_embed: PatchEmbed, check_finite: bool) ->
 torch.fx.wrap("check_images")
 
 
-class Block(nn.Module):
-    """Pre-LN encoder block: x + Attn(LN(x)), then x + Mlp(LN(x)) (or MoE)."""
+def build_mlp(cfg: ModelConfig, index: int) -> nn.Module:
+    """The MLP of block `index`: an MoE layer of the configured kind where
+    `cfg.moe` places one, else the dense MLP. A new MoE kind is added here;
+    the block receives whatever this returns."""
+    moe = cfg.moe
+    if moe is not None and index in moe.layers:
+        return MoeMlp(cfg.hidden_size, moe.mlp_dim or cfg.mlp_dim, moe.num_experts, moe.routing_for(index),
+                      group_size=moe.group_size, ensemble_size=moe.ensemble_size, gelu=cfg.gelu,
+                      dropout_rate=cfg.dropout_rate if moe.dropout_rate is None else moe.dropout_rate)
+    return Mlp(cfg.hidden_size, cfg.mlp_dim, cfg.dropout_rate, cfg.gelu)
 
-    def __init__(self, cfg: ModelConfig, index: int) -> None:
-        super().__init__()
-        d, eps = cfg.hidden_size, cfg.layer_norm_eps
-        # Stochastic depth on both residual branches, rising linearly with depth.
-        rate = cfg.drop_path_rate * index / max(cfg.num_layers - 1, 1)
-        self.drop_path: nn.Module = nn.Identity()
-        if rate > 0:  # imported here: torchvision.ops costs ~1.4 s of start-up (it imports dynamo)
-            from torchvision.ops import StochasticDepth
-            self.drop_path = StochasticDepth(rate, "row")
-        self.norm1 = nn.LayerNorm(d, eps=eps)
-        self.attn = Attention(d, cfg.num_heads, cfg.attention_dropout_rate, cfg.qk_norm)
-        self.drop = nn.Dropout(cfg.dropout_rate)
-        self.norm2 = nn.LayerNorm(d, eps=eps)
-        moe = cfg.moe
-        self.is_moe = moe is not None and index in moe.layers
-        self.metrics: Optional[Metrics] = None  # the MoE layer's metrics of the last forward
-        if moe is not None and self.is_moe:
-            self.mlp: nn.Module = MoeMlp(
-                d, moe.mlp_dim or cfg.mlp_dim, moe.num_experts, moe.routing_for(index),
-                group_size=moe.group_size, ensemble_size=moe.ensemble_size, gelu=cfg.gelu,
-                dropout_rate=cfg.dropout_rate if moe.dropout_rate is None else moe.dropout_rate)
-        else:
-            self.mlp = Mlp(d, cfg.mlp_dim, cfg.dropout_rate, cfg.gelu)
 
-    def forward(self, x: Tensor, noise: Optional[Tensor] = None) -> Tensor:
-        """(B, N, D) -> (B, N, D); an MoE block leaves its layer's metrics in
-        `self.metrics` (so that hooks and wrappers only ever see tensors)."""
-        x = x + self.drop_path(self.drop(self.attn(self.norm1(x))))
-        if self.is_moe:
-            y, self.metrics = self.mlp(self.norm2(x), noise=noise)
-            return x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+def build_block(cfg: ModelConfig, index: int) -> Block:
+    """Block `index` of `cfg`, its stochastic depth rising linearly with depth."""
+    return Block(cfg.hidden_size, cfg.num_heads, functools.partial(build_mlp, cfg, index),
+                 drop_path_rate=cfg.drop_path_rate * index / max(cfg.num_layers - 1, 1),
+                 dropout_rate=cfg.dropout_rate, attention_dropout_rate=cfg.attention_dropout_rate,
+                 eps=cfg.layer_norm_eps, qk_norm=cfg.qk_norm)
 
 
 class VisionTransformerMoe(TimmContract, nn.Module):
@@ -124,7 +113,6 @@ class VisionTransformerMoe(TimmContract, nn.Module):
     def __init__(self, config: Optional[ModelConfig] = None, **kwargs: Any) -> None:
         super().__init__()
         if config is None:
-            from ..utils.typed_config import from_dict
             config = from_dict(ModelConfig, kwargs)
         elif kwargs:
             raise ValueError("Pass either a ModelConfig or keyword arguments, not both.")
@@ -150,12 +138,11 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         self.ensemble_size = config.moe.ensemble_size if config.moe is not None else 1
         moe_layers = sorted(config.moe.layers) if config.moe is not None else []
         self.first_moe_block = moe_layers[0] if moe_layers else -1
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.blocks = nn.ModuleList(build_block(config, i) for i in range(config.num_layers))
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.map_head = MapHead(d, config.mlp_dim, config.num_heads) if config.classifier == "map" else None
         if config.representation_size:
             self.pre_logits: Optional[nn.Linear] = nn.Linear(d, config.representation_size)
-            from ..layers.init import lecun_normal_
             lecun_normal_(self.pre_logits.weight, d)
             nn.init.zeros_(self.pre_logits.bias)
         else:
@@ -197,7 +184,6 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         if self._config.head_kernel_zero_init:
             nn.init.zeros_(self.head.weight)
         else:
-            from ..layers.init import lecun_normal_
             lecun_normal_(self.head.weight, self.num_features)
         nn.init.constant_(self.head.bias, bias_init)
 
@@ -367,18 +353,35 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         return self.metrics["auxiliary_loss"]
 
     # ----------------------------------------------------------- save / load
-    def save_pretrained(self, out_dir: str, overwrite: bool = False) -> None:
+    def save_pretrained(self, out_dir: str, overwrite: bool = False,
+                        source: Optional[dict[str, Any]] = None) -> None:
         """Writes a Hub-compatible directory: model.safetensors (with the
-        architecture fingerprint), config.json and a model card README.md."""
-        from ..convert.pretrained import save_pretrained  # convert builds on models: imported late
-        save_pretrained(self, out_dir, overwrite=overwrite)
+        architecture fingerprint), config.json and a model card README.md
+        (`vmoe_torch.storage.pretrained`), atomically."""
+        files.write_pretrained(self.state_dict(), self.config, out_dir, overwrite, source)
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: str = "cpu", **routing: Any) -> "VisionTransformerMoe":
         """Loads a `save_pretrained` / `vmoe convert` directory (eval mode);
         routing keyword arguments are applied with `set_routing`."""
-        from ..convert.pretrained import from_pretrained
-        return from_pretrained(path, map_location=map_location, **routing)
+        files.check_pretrained_dir(path)
+        with torch.device("meta"):  # no throw-away initialisation: the weights are assigned
+            model = cls(files.read_config(path))
+        state = files.read_weights(path, map_location)
+        files.check_state(model, state)
+        files.check_fingerprint(path, model.config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.materialize_noise_seeds(map_location)
+        model.eval()
+        if routing:
+            model.set_routing(**routing)
+        return model
+
+    def materialize_noise_seeds(self, device: Any) -> None:
+        """The router-noise seed buffers, which no state dict holds, of a
+        model built on the meta device."""
+        for layer in self.moe_layers().values():
+            layer.noise.seed_words = seed_words(0).to(device)
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters not to weight-decay: all but the kernels

@@ -4,8 +4,8 @@ Axis legend (every function here): G groups, S group size, E experts,
 C capacity, K selected experts per token, D hidden size, p Soft MoE slots
 per expert, M ensemble members.
 """
+from ..config.routing import ROUTERS, RoutingConfig
 from .capacity import compute_capacity
-from .config import ROUTERS, RoutingConfig
 from .dispatch import (
                        Bfloat16Dispatcher,
                        Dispatcher,
@@ -18,7 +18,8 @@ from .dispatch import (
                        top_items_to_dense,
 )
 from .experts import Experts
-from .layer import MoeMlp, split_into_groups
+from .groups import split_into_groups
+from .layer import MoeMlp
 from .routers import ExpertChoiceRouter, Router, SoftRouter, TopExpertsRouter, build_router
 from .routing import (
                        TopExpertsRouting,

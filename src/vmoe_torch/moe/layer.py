@@ -9,39 +9,14 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .config import RoutingConfig, check_group_size
+from ..config.routing import RoutingConfig, check_group_size
 from .dispatch import DroplessDispatcher
 from .experts import Experts
-from .noise import group_normal, seed_words
+from .groups import merge_runs, split_into_groups
+from .noise import GroupNoise
 from .routers import DISPATCH_IMPLS, Router, SoftRouter, TopExpertsRouter, _GatingRouter, build_router
 
 Metrics = dict[str, Tensor]
-
-
-def split_into_groups(num_tokens: int, group_size: Optional[int]) -> list[tuple[int, int, int]]:
-    """How B*N tokens are cut into routing groups.
-
-    The tokens are taken in order (image 0's tokens, then image 1's, ...) and
-    cut into consecutive groups of `group_size`; a group may span images.
-    When `group_size` does not divide the token count, the full groups are
-    routed as usual and the remaining tokens form ONE smaller last group whose
-    capacity follows the same formula with its own size. `group_size=None`
-    routes all tokens as one group.
-
-    Returns:
-      A list of (start, num_groups, size) runs: tokens [start, start +
-      num_groups*size) form `num_groups` groups of `size`.
-    """
-    if num_tokens < 1:
-        raise ValueError("An MoE layer needs at least one token.")
-    size = num_tokens if group_size is None else group_size  # checked by check_group_size
-    full, rest = num_tokens // size, num_tokens % size  # (SymInt-friendly: no divmod)
-    runs = []
-    if full:
-        runs.append((0, full, size))
-    if rest:
-        runs.append((full * size, 1, rest))
-    return runs
 
 
 class MoeMlp(nn.Module):
@@ -66,7 +41,7 @@ class MoeMlp(nn.Module):
         `routing` (num_selected_experts, capacity_factor, batch_priority, ...).
     """
 
-    noise_seed_words: Tensor  # (2,) int64, see `noise_seed`
+    returns_metrics = True  # `layers.block.Block`: forward(x, noise=) -> (y, metrics)
 
     def __init__(self, dim: int, mlp_dim: int, num_experts: int,
                  routing: Optional[RoutingConfig] = None, *, group_size: Optional[int] = None,
@@ -83,33 +58,18 @@ class MoeMlp(nn.Module):
                                            init=False)
         self.experts = Experts(num_experts, dim, mlp_dim, dropout_rate, gelu)
         self.router.reset_parameters()
-        self.generator: Optional[torch.Generator] = None
-        # Analysis hook: when a list, each routed run of a top-K router
-        # appends its (detached) routing plan: expert_index, buffer_index,
-        # top gates, capacity.
-        self.recorded: Optional[list[dict[str, Tensor]]] = None
-        # Per-group router noise: when `noise_seed` is set, group g's draw is
-        # a function of (noise_seed, global index of g) (`moe.noise`). With
-        # expert parallelism, `rank` shifts the global index by rank * (groups
-        # per rank), so the noise does not depend on the number of processes.
-        # The seed is data (a non-persistent buffer): a new seed every step
-        # neither syncs nor recompiles a compiled model.
-        self.register_buffer("noise_seed_words", seed_words(0), persistent=False)
-        self._noise_seed: Optional[int] = None
-        self._seeded = False  # what forward reads: a compiled graph guards on it, not on the seed
-        self.rank = 0
+        self.generator: Optional[torch.Generator] = None  # unseeded noise: this generator, else torch's
+        self.noise = GroupNoise()  # seeded per-group noise (`moe.noise`)
 
     # ------------------------------------------------------------ noise
     @property
     def noise_seed(self) -> Optional[int]:
         """Seed of the per-group router noise in training (None: torch's RNG)."""
-        return self._noise_seed
+        return self.noise.seed
 
     @noise_seed.setter
     def noise_seed(self, seed: Optional[int]) -> None:
-        self._noise_seed, self._seeded = seed, seed is not None
-        if seed is not None:
-            self.noise_seed_words.copy_(seed_words(seed))
+        self.noise.seed = seed
 
     # ------------------------------------------------------------ routing
     @property
@@ -206,13 +166,13 @@ class MoeMlp(nn.Module):
         outs: list[Tensor] = []
         per_run: list[Metrics] = []
         runs = split_into_groups(batch * seq, self.group_size)
-        g_seen = self.rank * sum(groups for _, groups, _ in runs)
+        g_seen = self.noise.shard * sum(groups for _, groups, _ in runs)
         for start, groups, size in runs:
             xg = tokens[start:start + groups * size].view(groups, size, dim)
             run_noise = None
             if noise is not None:
                 run_noise = noise[g_seen:g_seen + groups, :size]
-            elif self.training and self._seeded:
+            elif self.training and self.noise.seeded:
                 run_noise = self.group_noise(g_seen, groups, size)
             y, metrics = self._route(xg, run_noise)
             outs.append(y.reshape(groups * size, dim))
@@ -221,13 +181,13 @@ class MoeMlp(nn.Module):
         y = outs[0] if len(outs) == 1 else torch.cat(outs)
         if m > 1:
             y = y.view(batch // m, seq, m, dim).transpose(1, 2)
-        return y.reshape(batch, seq, dim), _merge_runs(per_run)
+        return y.reshape(batch, seq, dim), merge_runs(per_run)
 
     def group_noise(self, first_group: int, groups: int, size: int) -> Tensor:
         """(groups, *noise shape of a group of `size`) standard normals for
         global groups first_group.. (`moe.noise.group_normal`)."""
         shape = self.router.noise_shape(1, size)[1:]
-        return group_normal(self.noise_seed_words, first_group, groups, tuple(shape))
+        return self.noise.draw(first_group, groups, tuple(shape))
 
     def _route(self, x: Tensor, noise: Optional[Tensor]) -> tuple[Tensor, Metrics]:
         """(G, S, D) -> ((G, S, D), metrics): router -> experts -> combine."""
@@ -244,18 +204,8 @@ class MoeMlp(nn.Module):
             y = dispatcher.combine(self.experts.forward_grouped(rows, inner.offsets, inner.row_expert))
         else:
             y = dispatcher.combine(self.experts(dispatcher.dispatch(x)))
-        if self.recorded is not None:
-            self._record(dispatcher)
         return y.to(x.dtype), metrics
 
-    def _record(self, dispatcher: Any) -> None:
-        plan = getattr(getattr(dispatcher, "inner", dispatcher), "plan", None)
-        if plan is None:
-            return
-        self.recorded.append({"expert_index": plan.expert_index.detach().cpu(),  # type: ignore[union-attr]
-                              "buffer_index": plan.buffer_index.detach().cpu(),
-                              "gates": plan.combine_weights.detach().float().cpu(),
-                              "capacity": torch.tensor(plan.capacity)})
 
 
 def moe_forward(layer: MoeMlp, x: Tensor, noise: Optional[Tensor] = None) -> tuple[Tensor, Metrics]:
@@ -268,22 +218,3 @@ def moe_forward(layer: MoeMlp, x: Tensor, noise: Optional[Tensor] = None) -> tup
 
 
 torch.fx.wrap("moe_forward")
-
-
-def _merge_runs(runs: list[Metrics]) -> Metrics:
-    """Concatenates per-group metrics of the full groups and the remainder
-    group; 0-dim metrics (Soft MoE's) are averaged over the runs; the
-    capacity is the largest; `auxiliary_loss` is the mean over ALL groups."""
-    merged: Metrics = {}
-    for key in runs[0]:
-        values = [m[key] for m in runs if key in m]
-        if len(values) == 1:
-            merged[key] = values[0]
-        elif key == "capacity":
-            merged[key] = torch.stack(values).max()
-        elif values[0].dim() == 0:
-            merged[key] = torch.stack(values).mean()
-        else:
-            merged[key] = torch.cat(values)
-    merged["auxiliary_loss"] = merged["auxiliary_loss_per_group"].mean()
-    return merged

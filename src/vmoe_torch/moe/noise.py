@@ -21,9 +21,10 @@ is new data, not a new graph.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 MASK32 = 0xFFFFFFFF
 _TRIPLE32 = ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB))
@@ -71,3 +72,39 @@ def group_normal(seed: Tensor, first_group: int, groups: int, shape: tuple[int, 
     u2 = _uniform(hash32(gkey ^ hash32((2 * i + 1) & MASK32)))
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
     return z.view(groups, *shape)
+
+
+class GroupNoise(nn.Module):
+    """The router noise source of one MoE layer in training.
+
+    With a seed set (`seed`), routing group g's draw is `group_normal` of
+    (seed, global index of g): the same whichever process routes g. With
+    data or expert parallelism a process routes the `shard`-th share of the
+    groups, so its groups' global indices start at shard * (groups it
+    routes). The seed is data (a non-persistent buffer): a new seed every
+    step neither syncs nor recompiles a compiled model. Without a seed the
+    router draws from torch's global RNG.
+    """
+
+    seed_words: Tensor  # (2,) int64 words of `seed`
+
+    def __init__(self, shard: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("seed_words", seed_words(0), persistent=False)
+        self._seed: Optional[int] = None
+        self.seeded = False  # what forward reads: a compiled graph guards on it, not on the seed
+        self.shard = shard
+
+    @property
+    def seed(self) -> Optional[int]:
+        return self._seed
+
+    @seed.setter
+    def seed(self, seed: Optional[int]) -> None:
+        self._seed, self.seeded = seed, seed is not None
+        if seed is not None:
+            self.seed_words.copy_(seed_words(seed))
+
+    def draw(self, first_group: int, groups: int, shape: tuple[int, ...]) -> Tensor:
+        """(groups, *shape) standard normals for global groups first_group..."""
+        return group_normal(self.seed_words, first_group, groups, shape)

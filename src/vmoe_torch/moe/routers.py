@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config.routing import RoutingConfig
 from ..layers.init import lecun_normal_
 from .capacity import compute_capacity
-from .config import RoutingConfig
 from .dispatch import (
     Bfloat16Dispatcher,
     Dispatcher,
@@ -120,6 +120,20 @@ class _GatingRouter(Router):
         with float32_region(x.device.type):
             return F.linear(x.float(), self.weight.float())
 
+    def capacity(self, group_size: int) -> int:
+        """C: the explicit capacity, else `compute_capacity` of the choices a
+        group of `group_size` tokens makes (`choices`)."""
+        r = self.config
+        if r.capacity is not None:
+            return r.capacity
+        assert r.capacity_factor is not None
+        return compute_capacity(self.choices(group_size), self.num_experts, r.capacity_factor,
+                                r.capacity_ceil_or_round, r.capacity_multiple_of)
+
+    def choices(self, group_size: int) -> int:
+        """Token-expert assignments a group of `group_size` tokens asks for."""
+        raise NotImplementedError
+
     def take_parameters(self, other: "_GatingRouter") -> None:
         self.weight = other.weight
         self.dispatch_impl = other.dispatch_impl
@@ -154,13 +168,8 @@ class TopExpertsRouter(_GatingRouter):
                 f"num_selected_experts={config.num_selected_experts} exceeds the {per_member} "
                 f"experts of each of the {self.ensemble_size} ensemble members: lower K.")
 
-    def capacity(self, group_size: int) -> int:
-        r = self.config
-        if r.capacity is not None:
-            return r.capacity
-        assert r.capacity_factor is not None
-        return compute_capacity(group_size * r.num_selected_experts, self.num_experts,
-                                r.capacity_factor, r.capacity_ceil_or_round, r.capacity_multiple_of)
+    def choices(self, group_size: int) -> int:
+        return group_size * self.config.num_selected_experts  # K per token
 
     def noise_shape(self, groups: int, group_size: int) -> tuple[int, ...]:
         return (groups, group_size, self.num_experts // self.ensemble_size)
@@ -261,13 +270,8 @@ class ExpertChoiceRouter(_GatingRouter):
 
     kind = "expert_choice"
 
-    def capacity(self, group_size: int) -> int:
-        r = self.config
-        if r.capacity is not None:
-            return r.capacity
-        assert r.capacity_factor is not None
-        return compute_capacity(group_size, self.num_experts, r.capacity_factor,
-                                r.capacity_ceil_or_round, r.capacity_multiple_of)
+    def choices(self, group_size: int) -> int:
+        return group_size  # C = capacity_factor * S / E
 
     def noise_shape(self, groups: int, group_size: int) -> tuple[int, ...]:
         return (groups, group_size, self.num_experts)

@@ -5,7 +5,7 @@ position, in one of two layouts (utils/workdir.py):
   model.safetensors, optimizer.safetensors and state.json, no pickle;
 - sharded (FSDP2 and/or expert parallelism): every rank writes only its own
   shards with torch.distributed.checkpoint (DCP), under the unsharded
-  model's names and shapes (distributed/dcp.py), plus state.json.
+  model's names and shapes (storage/sharded.py, distributed/state.py), plus state.json.
 
 Either way a checkpoint is written into a temporary directory and renamed
 into place by rank 0 only once every file is complete and synced, so a kill
@@ -32,10 +32,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..distributed import dcp
+from ..distributed import state as dstate
+from ..distributed.expert_parallel import global_name
+from ..storage import sharded
+from ..storage.workdir import checkpoint_dir, is_sharded_checkpoint, latest_checkpoint, list_checkpoints
 from ..utils.io import atomic_directory, commit_directory, temporary_directory
 from ..utils.state import state_mismatch
-from ..utils.workdir import checkpoint_dir, is_sharded_checkpoint, latest_checkpoint, list_checkpoints
 
 __all__ = ["CorruptCheckpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "restore",
            "restore_latest", "save_checkpoint", "save_sharded_checkpoint"]
@@ -124,8 +126,8 @@ def save_sharded_checkpoint(workdir: str, step: int, model: nn.Module, optimizer
         dist.broadcast_object_list(box)
     tmp = str(box[0])
     try:
-        opt_tensors, opt_meta = dcp.optimizer_entries(optimizer, model)
-        dcp.save(tmp, {**dcp.model_entries(model), **opt_tensors, dcp.RNG: torch.get_rng_state()})
+        opt_tensors, opt_meta = dstate.optimizer_entries(optimizer, model)
+        sharded.save(tmp, {**dstate.model_entries(model), **opt_tensors, sharded.RNG: torch.get_rng_state()})
         if lead:
             for name, data in (files or {}).items():
                 _write_json(Path(tmp) / name, data)
@@ -168,9 +170,9 @@ def _read_state_json(path: str) -> dict[str, Any]:
     return state
 
 
-def _check_model(model_entries: dict[str, torch.Tensor], specs: dict[str, dcp.Spec], path: str) -> None:
-    own = {k[len(dcp.MODEL):]: tuple(v.shape) for k, v in model_entries.items()}
-    found = {k[len(dcp.MODEL):]: s for k, (s, _) in specs.items() if k.startswith(dcp.MODEL)}
+def _check_model(model_entries: dict[str, torch.Tensor], specs: dict[str, sharded.Spec], path: str) -> None:
+    own = {k[len(sharded.MODEL):]: tuple(v.shape) for k, v in model_entries.items()}
+    found = {k[len(sharded.MODEL):]: s for k, (s, _) in specs.items() if k.startswith(sharded.MODEL)}
     problems = state_mismatch(own, found)
     if problems:
         raise ValueError(f"Checkpoint {path!r} does not match the model config:" + problems)
@@ -181,39 +183,39 @@ def restore(path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> di
     however they are sharded now, and restores the RNG states; returns
     state.json. Raises CorruptCheckpoint when a file cannot be read (the
     same on every rank), ValueError when it belongs to another model."""
-    entries = dcp.model_entries(model)
+    entries = dstate.model_entries(model)
     if is_sharded_checkpoint(path):
         try:
             state = _read_state_json(path)
-            specs = dcp.read_specs(path)
+            specs = sharded.read_specs(path)
         except Exception as e:  # noqa: BLE001
             raise CorruptCheckpoint(f"{path!r} ({type(e).__name__}: {e})") from e
         _check_model(entries, specs, path)
-        opt_entries = dcp.optimizer_templates(optimizer, model, specs)
+        opt_entries = dstate.optimizer_templates(optimizer, model, specs)
         rng = torch.get_rng_state()
         try:
-            dcp.load(path, {**entries, **opt_entries, dcp.RNG: rng})
+            sharded.load(path, {**entries, **opt_entries, sharded.RNG: rng})
         except Exception as e:  # noqa: BLE001 - DCP reports a bad file on every rank
             raise CorruptCheckpoint(f"{path!r} ({type(e).__name__}: {e})") from e
-        dcp.load_optimizer(optimizer, model, opt_entries, state["optimizer"])
+        dstate.load_optimizer(optimizer, model, opt_entries, state["optimizer"])
         _set_rng_state(state["rng"], rng)
         return state
     model_state, opt_state, state = load_checkpoint(path)
-    full = {dcp.MODEL + k: v for k, v in model_state.items()}
-    _check_model(entries, dcp.specs_of(full), path)
+    full = {sharded.MODEL + k: v for k, v in model_state.items()}
+    _check_model(entries, sharded.specs_of(full), path)
     by_name, meta = _optimizer_by_name(opt_state, optimizer, model)
     full.update(by_name)
-    opt_entries = dcp.optimizer_templates(optimizer, model, dcp.specs_of(by_name))
-    dcp.copy_full({**entries, **opt_entries}, full)
-    dcp.load_optimizer(optimizer, model, opt_entries, meta)
+    opt_entries = dstate.optimizer_templates(optimizer, model, sharded.specs_of(by_name))
+    dstate.copy_full({**entries, **opt_entries}, full)
+    dstate.load_optimizer(optimizer, model, opt_entries, meta)
     return state
 
 
 def _optimizer_by_name(sd: dict[str, Any], optimizer: torch.optim.Optimizer,
                        model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A full optimizer state dict (indexed in parameter order) in the named
-    form of `dcp.optimizer_entries`."""
-    names = {id(p): dcp.global_name(n) for n, p in model.named_parameters()}
+    form of `dstate.optimizer_entries`."""
+    names = {id(p): global_name(n) for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     if sum(len(g["params"]) for g in sd["param_groups"]) != len(order):
         raise ValueError("The checkpoint's optimizer was built over other parameters than this run's "
@@ -222,7 +224,7 @@ def _optimizer_by_name(sd: dict[str, Any], optimizer: torch.optim.Optimizer,
     scalars: dict[str, Any] = {}
     for idx, s in sd["state"].items():
         for key, value in s.items():
-            entry = f"{dcp.OPTIM}{order[int(idx)]}/{key}"
+            entry = f"{sharded.OPTIM}{order[int(idx)]}/{key}"
             (tensors if torch.is_tensor(value) else scalars)[entry] = value
     groups = [{**g, "params": [order[int(i)] for i in g["params"]]} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..config.schema import OptimConfig, ScheduleConfig
+from ..config.experiment import OptimConfig, ScheduleConfig
 from ..layers.roles import kernel_parameter_names
 
 

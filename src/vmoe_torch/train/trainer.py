@@ -20,9 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from ..config.schema import ExperimentConfig, config_to_dict
-from ..convert.checkpoints import export_checkpoint, load_model
-from ..convert.pretrained import config_json, from_pretrained, save_pretrained
+from ..config.experiment import ExperimentConfig, config_to_dict
 from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model_range
 from ..distributed import fsdp
 from ..distributed.comm import comm_device
@@ -35,16 +33,18 @@ from ..distributed.expert_parallel import (
 )
 from ..distributed.runtime import init_from_env, local_device
 from ..evaluate.classification import evaluate_at_capacity
-from ..models.registry import create_model
+from ..models.factory import create_model
+from ..models.loading import consolidate_checkpoint, load_model
 from ..models.vit_moe import VisionTransformerMoe
+from ..storage.lock import WorkdirLock, remove_orphan_temporaries
+from ..storage.pretrained import config_json
+from ..storage.workdir import check_writable, checkpoint_dir, latest_checkpoint, list_checkpoints
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.seeds import derive_seed
-from ..utils.workdir import check_writable, checkpoint_dir, latest_checkpoint, list_checkpoints
 from .checkpoint import restore_latest, save_checkpoint, save_sharded_checkpoint
 from .logger import MetricsLogger
 from .losses import LOSSES
 from .optim import build_optimizer, clip_grad_norm, learning_rate
-from .workdir_lock import WorkdirLock, remove_orphan_temporaries
 
 __all__ = ["Trainer", "build_model", "load_model", "run_identity", "step_seed"]
 
@@ -361,14 +361,14 @@ class Trainer:
             if self.rank == 0:
                 path = latest_checkpoint(self.workdir)
                 assert path is not None, "a completed run has saved its last step"
-                export_checkpoint(path, os.path.join(self.workdir, "final"), overwrite=True)
-                self.model = from_pretrained(os.path.join(self.workdir, "final")).to(self.device)
+                consolidate_checkpoint(path, os.path.join(self.workdir, "final"), overwrite=True)
+                self.model = VisionTransformerMoe.from_pretrained(os.path.join(self.workdir, "final")).to(self.device)
         if self.rank == 0:
             final = self.evaluate()
             summary["eval"] = final
             atomic_write_json(os.path.join(self.workdir, "eval.json"), final)
             if not self.sharded:
-                save_pretrained(self.model, os.path.join(self.workdir, "final"), overwrite=True)
+                self.model.save_pretrained(os.path.join(self.workdir, "final"), overwrite=True)
         self._barrier()
         return summary
 

@@ -14,8 +14,8 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..models.config import ModelConfig, MoeConfig
-from ..models.variants import parse_description
+from ..config.descriptions import parse_description
+from ..config.model import ModelConfig, MoeConfig
 from ..models.vit_moe import VisionTransformerMoe
 from .files import SourceError, load_json, load_npz, load_weights
 from .readers import (
@@ -91,8 +91,7 @@ def read_dense(source: Source, source_format: Optional[str] = None, *, num_heads
         return _from_native(path, reference_config)
     if source_format == "vmoe_torch" or os.path.exists(os.path.join(path, "config.json")) and \
             (load_json(os.path.join(path, "config.json")) or {}).get("format") == "vmoe-torch":
-        from ..convert.pretrained import from_pretrained
-        model = from_pretrained(path)
+        model = VisionTransformerMoe.from_pretrained(path)
         if model.config.moe is not None:
             raise SourceError(f"{path!r} is already a V-MoE; upcycling needs a dense model.")
         return DenseSource(model.config, model.state_dict(), description=f"vmoe-torch {path}")
@@ -150,7 +149,7 @@ def dense_model(source: Source, source_format: Optional[str] = None, **kw: Any) 
 
 
 def _load(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    from ..convert.pretrained import load_state_strict
+    from ..storage.pretrained import load_state_strict
     try:
         load_state_strict(model, state)
     except ValueError as e:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ..models.config import ModelConfig
+from ..config.model import ModelConfig
 from .files import SourceError, State
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -1,4 +1,5 @@
-"""Train state under global names and shapes, for torch.distributed.checkpoint.
+"""A sharded run's train state under global names and shapes, for the
+sharded checkpoint files (`vmoe_torch.storage.sharded`).
 
 A sharded model's state_dict mixes FSDP2 DTensors (global shape, sharded)
 with, under expert parallelism, each rank's E/P experts as plain tensors
@@ -15,22 +16,16 @@ parameter names instead of indices) are returned as JSON-able metadata.
 """
 from __future__ import annotations
 
-import warnings
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 
+from ..storage.sharded import MODEL, OPTIM, Spec
 from .expert_parallel import global_name, is_expert_param
-
-MODEL, OPTIM, RNG = "model/", "optim/", "rng/torch"
-Spec = tuple[tuple[int, ...], torch.dtype]
 
 
 def _expert_layout(model: nn.Module, device: torch.device) -> tuple[DeviceMesh, list[Placement]]:
@@ -150,46 +145,3 @@ def copy_full(templates: Mapping[str, torch.Tensor], full: Mapping[str, torch.Te
             target.to_local().copy_(piece.to_local())
         else:
             target.copy_(source)
-
-
-def specs_of(state: Mapping[str, torch.Tensor]) -> dict[str, Spec]:
-    return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
-
-
-def read_specs(path: str) -> dict[str, Spec]:
-    """The tensors a DCP checkpoint holds: {key: (global shape, dtype)}."""
-    metadata = dcp.FileSystemReader(path).read_metadata()
-    return {k: (tuple(m.size), m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
-            if isinstance(m, TensorStorageMetadata)}
-
-
-def save(path: str, state: dict[str, torch.Tensor]) -> None:
-    """Every rank writes its shards into directory `path` (a collective call
-    under a process group); DCP's coordinator writes `.metadata` last."""
-    no_dist = not (dist.is_available() and dist.is_initialized())
-    with warnings.catch_warnings():  # DCP warns that one process is one process
-        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(path, sync_files=True), no_dist=no_dist)
-
-
-class UnreadableCheckpoint(ValueError):
-    """A DCP checkpoint a rank could not read (raised on every rank)."""
-
-
-def load(path: str, state: dict[str, torch.Tensor], collective: Optional[bool] = None) -> None:
-    """Loads `path` into `state` in place (each rank reads only its
-    shards). `collective=False` reads alone even inside a process group.
-    A file any rank cannot read raises UnreadableCheckpoint on every rank
-    (DCP's CheckpointException is a BaseException; it is converted here)."""
-    no_dist = not (dist.is_available() and dist.is_initialized()) if collective is None else not collective
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-            dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=no_dist)
-    except CheckpointException as e:
-        raise UnreadableCheckpoint(f"{path!r}: {_first_lines(e)}") from e
-
-
-def _first_lines(e: CheckpointException) -> str:
-    errors = {r: err[0] if isinstance(err, tuple) else err for r, err in (e.failures or {}).items()}
-    return "; ".join(f"rank {r}: {type(err).__name__}: {err}" for r, err in sorted(errors.items())) or str(e)

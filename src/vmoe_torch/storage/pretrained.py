@@ -1,5 +1,7 @@
-"""Our own export format: `model.safetensors` + `config.json` (+ a model card
-`README.md`) in a directory.
+"""Our own model format, the `from_pretrained` directory: `model.safetensors`
++ `config.json` (+ a model card `README.md`). This module knows configs and
+state dicts, not the model class: `VisionTransformerMoe.save_pretrained` /
+`from_pretrained` build on it.
 
 config.json schema (version 1):
   {"format": "vmoe-torch", "format_version": 1, "model": <ModelConfig as JSON>,
@@ -15,14 +17,13 @@ import os
 from typing import Any, Mapping, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..models.config import ModelConfig
-from ..models.vit_moe import VisionTransformerMoe
-from ..moe.noise import seed_words
+from ..config.model import ModelConfig
+from ..config.typed import from_dict, to_dict
 from ..utils.io import atomic_directory, looks_like_pickle
 from ..utils.state import state_mismatch
-from ..utils.typed_config import from_dict, to_dict
 from .model_card import model_card
 
 FORMAT, FORMAT_VERSION = "vmoe-torch", 1
@@ -78,25 +79,21 @@ def write_metadata(out_dir: str, cfg: ModelConfig, source: Optional[dict[str, An
         f.write(model_card(cfg, source))
 
 
-def save_pretrained(model: VisionTransformerMoe, out_dir: str, overwrite: bool = False,
-                    source: Optional[dict[str, Any]] = None) -> None:
-    """Writes model.safetensors + config.json + README.md atomically to `out_dir`."""
+def write_pretrained(state: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir: str,
+                     overwrite: bool = False, source: Optional[dict[str, Any]] = None) -> None:
+    """Writes `state` (a model's state_dict) as model.safetensors + config.json
+    + README.md atomically to `out_dir`."""
     with atomic_directory(out_dir, overwrite) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, os.path.join(tmp, "model.safetensors"),
-                  metadata={FINGERPRINT_KEY: architecture_fingerprint(model.config)})
-        write_metadata(tmp, model.config, source)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(tensors, os.path.join(tmp, "model.safetensors"),
+                  metadata={FINGERPRINT_KEY: architecture_fingerprint(cfg)})
+        write_metadata(tmp, cfg, source)
 
 
-def materialize_noise_seeds(model: VisionTransformerMoe, device: str) -> None:
-    """The router-noise seed buffers, which no state dict holds, of a model
-    built on the meta device."""
-    for layer in model.moe_layers().values():
-        layer.noise_seed_words = seed_words(0).to(device)
-
-
-def _check_fingerprint(weights: str, cfg: ModelConfig) -> None:
-    from safetensors import safe_open
+def check_fingerprint(path: str, cfg: ModelConfig) -> None:
+    """Refuses a config.json edited away from the architecture the weights of
+    `path` were saved with (routing, group size and check_finite may change)."""
+    weights = os.path.join(path, "model.safetensors")
     with safe_open(weights, framework="pt") as f:
         recorded = (f.metadata() or {}).get(FINGERPRINT_KEY)
     if recorded is not None and recorded != architecture_fingerprint(cfg):  # older files have none
@@ -122,14 +119,9 @@ def read_config(path: str) -> ModelConfig:
     return from_dict(ModelConfig, meta["model"])
 
 
-def from_pretrained(path: str, map_location: str = "cpu", **routing: Any) -> VisionTransformerMoe:
-    """Loads a directory written by `save_pretrained` / `vmoe convert`; the
-    model is returned in eval mode. Routing keyword arguments, if any, are
-    applied with `set_routing`."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path!r} is not a directory with model.safetensors and config.json.")
-    with torch.device("meta"):  # no throw-away initialisation: the weights are assigned
-        model = VisionTransformerMoe(read_config(path))
+def read_weights(path: str, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of `path`/model.safetensors; an unreadable file is refused,
+    naming it."""
     weights = os.path.join(path, "model.safetensors")
     try:
         state = load_file(weights, device=map_location)
@@ -137,11 +129,9 @@ def from_pretrained(path: str, map_location: str = "cpu", **routing: Any) -> Vis
         kind = ("it is not a safetensors file (a pickle?)" if looks_like_pickle(weights)
                 else "it is truncated or corrupt")
         raise ValueError(f"Cannot read {weights!r}: {kind} ({type(e).__name__}: {e}).") from e
-    check_state(model, state)
-    _check_fingerprint(weights, model.config)
-    model.load_state_dict(state, strict=True, assign=True)
-    materialize_noise_seeds(model, map_location)
-    model.eval()
-    if routing:
-        model.set_routing(**routing)
-    return model
+    return state
+
+
+def check_pretrained_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a directory with model.safetensors and config.json.")

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..moe.config import RoutingConfig
-from .config import ModelConfig, MoeConfig
+from .model import ModelConfig, MoeConfig
+from .routing import RoutingConfig
 
 
 @dataclass(frozen=True)

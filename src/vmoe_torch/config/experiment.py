@@ -8,7 +8,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from ..utils.typed_config import ConfigError, from_dict, to_dict
+from .catalogue import resolve_config
+from .routing import RoutingConfig
+from .typed import ConfigError, from_dict, to_dict
 
 
 @dataclass
@@ -202,8 +204,6 @@ def validate(cfg: ExperimentConfig) -> None:
 def _validate_model(cfg: ExperimentConfig) -> None:
     """The model section must build: a preset or description with valid
     overrides, or (fine-tuning) valid routing changes."""
-    from ..models.registry import resolve_config
-    from ..moe.config import RoutingConfig
     overrides = dict(cfg.model.overrides)
     try:
         if cfg.finetune.init is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from ..moe.config import RoutingConfig, check_group_size
+from .routing import RoutingConfig, check_group_size
 
 Classifier = Literal["token", "gap", "map"]
 PositionEmb = Literal["learned", "sincos2d", "none"]

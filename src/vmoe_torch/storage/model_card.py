@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from ..models.config import ModelConfig
+from ..config.model import ModelConfig
 
 
 def _routing_lines(cfg: ModelConfig) -> list[str]:

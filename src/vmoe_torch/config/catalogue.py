@@ -1,14 +1,14 @@
-"""Named model presets and `create_model`."""
+"""The catalogue of named model configs (presets) and the override rules
+that `create_model`, timm and experiment files share."""
 from __future__ import annotations
 
 import dataclasses
 import math
 from typing import Any, Callable
 
-from ..moe.config import RoutingConfig
-from .config import ModelConfig, MoeConfig, as_pair
-from .variants import VIT_BACKBONES, parse_description, second_half
-from .vit_moe import VisionTransformerMoe
+from .descriptions import VIT_BACKBONES, parse_description, second_half
+from .model import ModelConfig, MoeConfig, as_pair
+from .routing import RoutingConfig
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
@@ -181,8 +181,3 @@ def override_config(cfg: ModelConfig, name: str = "this model", **overrides: Any
     cfg.validate()
     return cfg
 
-
-def create_model(name: str, **overrides: Any) -> VisionTransformerMoe:
-    """Builds a model from a preset name (see `list_models()`) or a paper
-    description, e.g. `create_model("ViT-S/32, E=8, K=2, Last 2", num_classes=10)`."""
-    return VisionTransformerMoe(resolve_config(name, **overrides))
