@@ -81,7 +81,7 @@ def peak() -> int:
 
 def _sharded(spec: dict, world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = create_model("vmoe_mi4_every1", **spec).train()
+    model = create_model("vmoe_mi4_every1_e8_k2", **spec).train()
     if world > 1:
         fsdp.fsdp_expert_parallel(model, fsdp.parallel_mesh(world))
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -173,8 +173,8 @@ def main() -> None:
     args = ap.parse_args()
     big = {**BIG, "hidden_size": 64, "mlp_dim": 128, "num_heads": 2, "num_layers": 4, "layers": (1, 3)} \
         if args.smoke else BIG
-    largest = max(p.numel() * 4 for p in create_model("vmoe_mi4_every1", **big).parameters())
-    total = sum(p.numel() for p in create_model("vmoe_mi4_every1", **big).parameters())
+    largest = max(p.numel() * 4 for p in create_model("vmoe_mi4_every1_e8_k2", **big).parameters())
+    total = sum(p.numel() for p in create_model("vmoe_mi4_every1_e8_k2", **big).parameters())
     print(f"model: {total / 1e6:.1f}M parameters ({total / 914_826:.0f}x the demo model), AdamW; "
           f"largest tensor {largest / MB:.1f} MB")
     with tempfile.TemporaryDirectory() as root:

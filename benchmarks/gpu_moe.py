@@ -153,9 +153,9 @@ def main() -> None:
     print("| model | batch | px | images/s | TFLOP / step | MFU |")
     print("|---|---|---|---|---|---|")
     if args.smoke:
-        cases = [("vit_mi4", 8, 32, {}), ("vmoe_mi4_every2", 8, 32, {})]
+        cases = [("vmoe_dense_mi4", 8, 32, {}), ("vmoe_mi4_every2_e8_k2", 8, 32, {})]
     else:
-        cases = [("vit_b16", 64, 224, {}), ("vmoe_b16_every2", 64, 224, {})]
+        cases = [("vmoe_dense_b16", 64, 224, {}), ("vmoe_b16_every2_e8_k2", 64, 224, {})]
     for model_name, batch, px, kw in cases:
         r = train_row(model_name, batch, px, args.repeats, device, args.peak_tflops, **kw)
         print(f"| {model_name} | {batch} | {px} | {r['images_per_s']:.1f} | {r['tflops_per_step']:.3f} | "

@@ -64,7 +64,7 @@ def compile_rows(args: argparse.Namespace, demo: dict) -> None:
     cases = [("demo V-MoE-Mi/8 Every 1, E=8 K=2", demo["moe"].model.name, demo["moe"].data.batch_size,
               demo["moe"].data.image_size, demo["moe"].model.overrides)]
     if not args.skip_s32:
-        cases.append(("V-MoE-S/32, E=8, K=2, Last 2", "vmoe_s32_last2", 32, 224, {}))
+        cases.append(("V-MoE-S/32, E=8, K=2, Last 2", "vmoe_s32_last2_e8_k2", 32, 224, {}))
     for label, name, batch, px, kw in cases:
         eager = images_per_s(name, batch, px, False, args.steps, args.warmup, **kw)
         first: list = []
@@ -111,8 +111,8 @@ def main() -> None:
               "(oneDNN reports no AVX512-BF16/AMX); bf16 GEMMs run ~200x slower than fp32 here | - |")
     for bf16 in ([False] if args.skip_bf16 or not native_bf16 else [False, True]):
         prec = "bf16 autocast" if bf16 else "fp32"
-        dense = images_per_s("vit_s32", 32, 224, bf16, args.steps, args.warmup)
-        moe = images_per_s("vmoe_s32_last2", 32, 224, bf16, args.steps, args.warmup)
+        dense = images_per_s("vmoe_dense_s32", 32, 224, bf16, args.steps, args.warmup)
+        moe = images_per_s("vmoe_s32_last2_e8_k2", 32, 224, bf16, args.steps, args.warmup)
         print(f"| ViT-S/32 (dense) | 32 | 224 | {prec} | {dense:.1f} | 1.00 |", flush=True)
         print(f"| V-MoE-S/32, E=8, K=2, Last 2 | 32 | 224 | {prec} | {moe:.1f} | {moe / dense:.2f} |",
               flush=True)

@@ -47,7 +47,7 @@ def test_results_respect_the_umask(tmp_path):
         with atomic_directory(str(tmp_path / "d")) as d:
             (open(os.path.join(d, "f"), "w")).close()
         torch.manual_seed(0)
-        save_pretrained(create_model("vit_mi4"), str(tmp_path / "final"))
+        save_pretrained(create_model("vmoe_dense_mi4"), str(tmp_path / "final"))
     finally:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731

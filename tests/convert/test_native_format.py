@@ -55,7 +55,7 @@ def test_native_round_trip_identical_arrays(tmp_path, num_shards, max_chunk):
 
 
 def test_export_model_to_native_and_back(tmp_path):
-    model = create_model("vmoe_mi4_every2", num_layers=2, layers=(1,), classifier="map",
+    model = create_model("vmoe_mi4_every2_e8_k2", num_layers=2, layers=(1,), classifier="map",
                          position_emb="learned").eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)

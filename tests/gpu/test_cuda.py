@@ -70,7 +70,7 @@ def test_router_stays_float32_under_bf16_autocast():
 def test_gpu_benchmark_script_runs_at_tiny_shapes_on_the_cpu():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_moe.py"), "--device", "cpu", "--smoke",
                           "--repeats", "1"], capture_output=True, text=True, timeout=600, check=True).stdout
-    assert "| tiny | 4 | 2 |" in out and "| vmoe_mi4_every2 | 8 | 32 |" in out
+    assert "| tiny | 4 | 2 |" in out and "| vmoe_mi4_every2_e8_k2 | 8 | 32 |" in out
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_compiled_moe_model_equals_eager_without_recompiling(routing):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = create_model("vmoe_mi4_every2", num_layers=2, layers=(1,), **routing).eval()  # 8-image groups
+    model = create_model("vmoe_mi4_every2_e8_k2", num_layers=2, layers=(1,), **routing).eval()  # 8-image groups
     compiled = torch.compile(model, dynamic=True, fullgraph=True)
     for batch in (16, 24):
         x = torch.rand(batch, 3, 32, 32) * 2 - 1

@@ -13,11 +13,11 @@ from vmoe_torch.export import batch_multiple, export_onnx, export_program
 
 REDUCED = {"capacity_factor": 0.5, "batch_priority": True}
 CASES = {
-    "dense": ("vit_mi4", {}),
-    "moe": ("vmoe_mi4_every2", {}),
-    "moe_C0.5_bpr": ("vmoe_mi4_every2", REDUCED),
-    "eee_C0.5_bpr": ("eee_mi4_every2", REDUCED),
-    "soft": ("soft_moe_mi4_half", {}),
+    "dense": ("vmoe_dense_mi4", {}),
+    "moe": ("vmoe_mi4_every2_e8_k2", {}),
+    "moe_C0.5_bpr": ("vmoe_mi4_every2_e8_k2", REDUCED),
+    "eee_C0.5_bpr": ("vmoe_eee_mi4_every2_e8_k1_m2", REDUCED),
+    "soft": ("vmoe_soft_mi4_half", {}),
 }
 
 
@@ -57,7 +57,7 @@ def test_fx_feature_extractor_equals_eager(case):
 
 
 def test_fx_graph_keeps_input_checks_and_trains():
-    model = _model("vmoe_mi4_every2", {})
+    model = _model("vmoe_mi4_every2_e8_k2", {})
     traced = torch.fx.symbolic_trace(model)
     with pytest.raises(ValueError, match="permute"):
         traced(_images(8).permute(0, 2, 3, 1))
@@ -83,12 +83,12 @@ def test_export_with_dynamic_batch_equals_eager(case):
 
 
 def test_batch_multiple_follows_the_group_layout():
-    assert batch_multiple(_model("vit_mi4", {})) == 1
-    model = _model("vmoe_mi4_every2", {})  # 65 tokens per image, 520-token groups
+    assert batch_multiple(_model("vmoe_dense_mi4", {})) == 1
+    model = _model("vmoe_mi4_every2_e8_k2", {})  # 65 tokens per image, 520-token groups
     assert batch_multiple(model) == 8
-    assert batch_multiple(_model("vmoe_mi4_every2", {"group_size": 130})) == 2
+    assert batch_multiple(_model("vmoe_mi4_every2_e8_k2", {"group_size": 130})) == 2
     with pytest.raises(ValueError, match="group_size"):
-        batch_multiple(_model("vmoe_mi4_every2", {"group_size": None}))
+        batch_multiple(_model("vmoe_mi4_every2_e8_k2", {"group_size": None}))
 
 
 @pytest.mark.slow
@@ -96,7 +96,7 @@ def test_batch_multiple_follows_the_group_layout():
 def test_onnx_runtime_equals_eager(case, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    name, routing = CASES.get(case, ("vmoe_mi4_every2", REDUCED))
+    name, routing = CASES.get(case, ("vmoe_mi4_every2_e8_k2", REDUCED))
     model = _model(name, routing)
     if case.startswith("ties"):
         # Every gate equal: top-K and the BPR order are decided by the tie rule alone

@@ -16,7 +16,7 @@ def _batch(b=4):
 
 
 def test_a_loop_that_drops_the_auxiliary_loss_is_warned_once():
-    model = create_model("vmoe_mi4_every2").train()
+    model = create_model("vmoe_mi4_every2_e8_k2").train()
     x, y = _batch()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -29,7 +29,7 @@ def test_a_loop_that_drops_the_auxiliary_loss_is_warned_once():
 
 
 def test_no_warning_when_the_loss_includes_it_or_at_evaluation():
-    model = create_model("vmoe_mi4_every2").train()
+    model = create_model("vmoe_mi4_every2_e8_k2").train()
     x, y = _batch()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -39,12 +39,12 @@ def test_no_warning_when_the_loss_includes_it_or_at_evaluation():
             model(x)
         model.eval()
         model(x)
-        dense = create_model("vit_mi4").train()
+        dense = create_model("vmoe_dense_mi4").train()
         for _ in range(2):
             F.cross_entropy(dense(x), y).backward()  # no auxiliary loss to lose
 
 
-@pytest.mark.parametrize("name", ["vmoe_mi4_every2", "eee_mi4_every2"])
+@pytest.mark.parametrize("name", ["vmoe_mi4_every2_e8_k2", "vmoe_eee_mi4_every2_e8_k1_m2"])
 def test_with_auxiliary_loss_equals_the_explicit_sum(name):
     torch.manual_seed(0)
     model = create_model(name).train()

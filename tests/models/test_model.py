@@ -14,7 +14,7 @@ from vmoe_torch.models import every_n, last_n, parse_description, resolve_config
 def tiny(**kw):
     base = dict(num_layers=2, layers=(0, 1))
     base.update(kw)
-    return create_model("vmoe_mi4_every2", **base)
+    return create_model("vmoe_mi4_every2_e8_k2", **base)
 
 
 def test_forward_api_and_metrics_schema():
@@ -35,7 +35,7 @@ def test_forward_api_and_metrics_schema():
 
 
 def test_forward_head_pre_logits_and_reset_classifier():
-    model = create_model("vit_mi4", representation_size=24).eval()
+    model = create_model("vmoe_dense_mi4", representation_size=24).eval()
     x = torch.randn(2, 3, 32, 32)
     feats = model.forward_features(x)
     pre = model.forward_head(feats, pre_logits=True)
@@ -49,7 +49,7 @@ def test_forward_head_pre_logits_and_reset_classifier():
 
 
 def test_head_init():
-    model = create_model("vit_mi4", num_classes=7)
+    model = create_model("vmoe_dense_mi4", num_classes=7)
     assert float(model.head.weight.abs().sum()) == 0
     torch.testing.assert_close(model.head.bias, torch.full((7,), -np.log(7), dtype=torch.float32))
 
@@ -82,8 +82,8 @@ def test_paper_descriptions_and_presets():
     for size, dims in {"L/16": (1024, 24, 4096, 16), "H/14": (1280, 32, 5120, 16)}.items():
         cfg = parse_description(f"ViT-{size}")
         assert (cfg.hidden_size, cfg.num_layers, cfg.mlp_dim, cfg.num_heads) == dims and cfg.moe is None
-    assert "vmoe_s32_last2" in list_models() and "vit_s32" in list_models()
-    dense, sparse = resolve_config("vit_s32"), resolve_config("vmoe_s32_last2")
+    assert "vmoe_s32_last2_e8_k2" in list_models() and "vmoe_dense_s32" in list_models()
+    dense, sparse = resolve_config("vmoe_dense_s32"), resolve_config("vmoe_s32_last2_e8_k2")
     assert dense.hidden_size == sparse.hidden_size and dense.moe is None
     m = create_model("ViT-S/32, E=4, K=1, Every 2", num_classes=3)
     assert m.config.num_classes == 3 and len(m.moe_layers()) == 4
@@ -101,7 +101,7 @@ def test_set_routing_and_context_manager():
     assert model.moe_layers()["encoderblock_1"].routing.capacity_factor == 2.0
     assert model.moe_layers()["encoderblock_0"].routing.capacity_factor == 1.05
     with pytest.raises(ValueError, match="not MoE layers"):
-        create_model("vmoe_mi4_every2").set_routing(layers=[0], capacity_factor=1.0)
+        create_model("vmoe_mi4_every2_e8_k2").set_routing(layers=[0], capacity_factor=1.0)
 
 
 def test_position_embedding_resampling_matches_scipy_zoom():
@@ -115,7 +115,7 @@ def test_position_embedding_resampling_matches_scipy_zoom():
 
 
 def test_other_resolution():
-    model = create_model("vit_mi4").eval()
+    model = create_model("vmoe_dense_mi4").eval()
     x = torch.randn(1, 3, 48, 48)
     with pytest.raises(ValueError, match="interpolate_pos_embed"):
         model(x)
@@ -144,7 +144,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="Cannot parse"):
         create_model("ViT-Q/16")
     with pytest.raises(ValueError, match="Unknown override"):
-        create_model("vit_mi4", hiden_size=3)
+        create_model("vmoe_dense_mi4", hiden_size=3)
     with pytest.raises(ValueError, match="Unknown config key"):
         vmoe_torch.VisionTransformerMoe(hidden_sise=4)
     with pytest.raises(ValueError, match="outside"):
@@ -159,7 +159,7 @@ def test_bad_inputs_give_clear_errors():
 
 
 def test_dense_vit_of_same_shape_has_fewer_params():
-    dense, sparse = create_model("vit_mi4"), create_model("vmoe_mi4_every2")
+    dense, sparse = create_model("vmoe_dense_mi4"), create_model("vmoe_mi4_every2_e8_k2")
     def n(m):
         return sum(p.numel() for p in m.parameters())
     assert n(sparse) > n(dense)
@@ -168,5 +168,5 @@ def test_dense_vit_of_same_shape_has_fewer_params():
 
 def test_model_config_from_dict_round_trip():
     from vmoe_torch.config.typed import from_dict, to_dict
-    cfg = resolve_config("vmoe_s32_last2")
+    cfg = resolve_config("vmoe_s32_last2_e8_k2")
     assert from_dict(ModelConfig, to_dict(cfg)) == cfg

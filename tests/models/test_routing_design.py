@@ -59,7 +59,7 @@ def test_per_layer_routing_is_what_config_reports_and_saves(tmp_path):
 
 
 def test_set_routing_is_all_or_nothing():
-    model = create_model("soft_moe_mi4_half")
+    model = create_model("vmoe_soft_mi4_half")
     before = model.routing_settings()
     with pytest.raises(ValueError, match="fixed by its parameters"):
         model.set_routing(num_slots=3)
@@ -140,7 +140,7 @@ def test_input_dtype_errors_say_what_to_do():
 
 def test_from_pretrained_names_bad_files(tmp_path):
     from vmoe_torch import create_model as make
-    model = make("vit_mi4")
+    model = make("vmoe_dense_mi4")
     save_pretrained(model, str(tmp_path / "m"))
     (tmp_path / "m" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json.*not valid JSON"):
@@ -182,4 +182,37 @@ def test_metrics_travel_through_a_declared_channel_not_tuples():
     logits2, metrics = model(x, return_metrics=True)
     assert metrics is model.metrics
     with pytest.raises(RuntimeError, match="No forward"):
-        _ = create_model("vit_mi4").auxiliary_loss
+        _ = create_model("vmoe_dense_mi4").auxiliary_loss
+
+
+def test_group_size_is_a_run_time_setting_of_the_whole_model(tmp_path):
+    model = _tiny()  # 17 tokens per image, groups of 34 (2 images)
+    x = torch.randn(4, 3, 16, 16)
+    grouped = model(x)
+    assert model.metrics["encoderblock_0/capacity"].numel() == 1
+    with model.routing(group_size=17):
+        assert model.group_size == 17 and model.config.moe.group_size == 17
+        assert all(layer.group_size == 17 for layer in model.moe_layers().values())
+        per_image = model(x)
+        assert model.metrics["encoderblock_0/dropped_fraction"].shape == (4,)  # one group per image
+        assert torch.equal(per_image[:1], model(x[:1]))  # an image's prediction no longer depends on others
+    assert model.group_size == 34 and torch.equal(model(x), grouped)
+    model.set_routing(group_size=17)
+    model.save_pretrained(str(tmp_path / "m"))
+    assert from_pretrained(str(tmp_path / "m")).group_size == 17
+    with pytest.raises(ValueError, match="without layers"):
+        model.set_routing(layers=[0], group_size=34)
+    with pytest.raises(ValueError, match="group_size must be"):
+        model.set_routing(group_size=0)
+    assert model.group_size == 17
+
+
+def test_soft_moe_takes_a_group_size_only_where_its_slot_count_stays():
+    soft = create_model("vmoe_soft_mi4_half")
+    soft.set_routing(group_size=128)  # num_slots is explicit: p stays 2
+    assert soft.group_size == 128
+    derived = create_model("vmoe_mi4_every1_e8_k2", router="soft", capacity_factor=2.0, num_selected_experts=1,
+                           group_size=64)
+    with pytest.raises(ValueError, match="slot count is fixed"):
+        derived.set_routing(group_size=128)
+    assert derived.group_size == 64

@@ -87,7 +87,7 @@ def test_dropless_ensemble_equals_its_capacity_path():
 
 
 def test_dropless_is_a_routing_setting_of_whole_models(tmp_path):
-    model = create_model("vmoe_mi4_every2", num_layers=2, layers=(1,), capacity_factor=0.5).eval()
+    model = create_model("vmoe_mi4_every2_e8_k2", num_layers=2, layers=(1,), capacity_factor=0.5).eval()
     model.set_routing(dropless=True)
     assert model.config.moe.routing.dropless
     model.save_pretrained(str(tmp_path / "m"))

@@ -32,7 +32,7 @@ def test_nonfinite_token_takes_no_slot(size, experts, k, capacity, bpr, seed):
 @pytest.mark.parametrize("bpr,cf,k", [(False, 1.05, 2), (True, 0.5, 2), (False, 0.25, 1), (True, 8.0, 2)])
 def test_one_nan_image_does_not_poison_its_routing_group(bpr, cf, k):
     torch.manual_seed(0)
-    model = create_model("vmoe_mi4_every2", num_selected_experts=k).eval()  # groups of 8 images
+    model = create_model("vmoe_mi4_every2_e8_k2", num_selected_experts=k).eval()  # groups of 8 images
     torch.nn.init.normal_(model.head.weight)  # the zero-initialised head would hide any change
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad(), model.routing(batch_priority=bpr, capacity_factor=cf):

@@ -27,7 +27,7 @@ from vmoe_torch.distributed.fsdp import (
 def _model(num_experts: int, dim: int = 32, dropless: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     routing: dict[str, Any] = {"dropless": True} if dropless else {"batch_priority": True, "capacity_factor": 0.5}
-    model = create_model("vmoe_mi4_every1", num_layers=2, layers=(0, 1), patch_size=8, image_size=32,
+    model = create_model("vmoe_mi4_every1_e8_k2", num_layers=2, layers=(0, 1), patch_size=8, image_size=32,
                          hidden_size=dim, mlp_dim=2 * dim, num_heads=2, group_size=2 * 17,
                          num_experts=num_experts, num_selected_experts=2, **routing).train()
     with torch.no_grad():  # a non-zero head, so that every gradient is exercised

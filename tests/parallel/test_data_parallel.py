@@ -12,7 +12,7 @@ from vmoe_torch import create_model
 
 def test_rank_offset_gives_each_rank_the_noise_of_its_own_groups():
     torch.manual_seed(0)
-    model = create_model("vmoe_mi4_every1", num_layers=2, layers=(0, 1), patch_size=8, image_size=32,
+    model = create_model("vmoe_mi4_every1_e8_k2", num_layers=2, layers=(0, 1), patch_size=8, image_size=32,
                          group_size=2 * 17).train()
     torch.nn.init.normal_(model.head.weight)  # the zero-initialised head would hide any difference
     model.set_noise_seed(5)

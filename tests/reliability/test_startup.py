@@ -74,7 +74,7 @@ def test_world_size_not_dividing_experts_is_reported_once(capsys, monkeypatch):
     from vmoe_torch import create_model
     from vmoe_torch.cli.main import main
     from vmoe_torch.distributed.expert_parallel import check_expert_parallel
-    model = create_model("vmoe_mi4_every2", num_experts=6)
+    model = create_model("vmoe_mi4_every2_e8_k2", num_experts=6)
     with pytest.raises(ValueError, match=r"world size \(4\).*experts \(6\).*\[1, 2, 3, 6\]"):
         check_expert_parallel(model, 4)
     check_expert_parallel(model, 3)

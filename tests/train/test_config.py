@@ -96,7 +96,7 @@ _VALUES = st.one_of(
     st.text(max_size=12), st.lists(st.one_of(st.integers(-2, 50), st.floats(-1, 5), st.text(max_size=4)),
                                    max_size=4),
     st.sampled_from(["digits", "adamw", "sgd", "warmup_cosine_decay", "softmax_xent", "auto", "cpu",
-                     "vmoe_mi4_every1", "ViT-S/32, E=8, K=2, Last 2"]),
+                     "vmoe_mi4_every1_e8_k2", "ViT-S/32, E=8, K=2, Last 2"]),
     st.dictionaries(st.sampled_from(["num_experts", "capacity_factor", "router", "group_size", "foo"]),
                     st.one_of(st.integers(-1, 16), st.floats(-1, 4), st.text(max_size=5)), max_size=3))
 

@@ -12,7 +12,7 @@ from vmoe_torch.train.optim import build_optimizer, clip_grad_norm, learning_rat
 
 
 def test_weight_decay_only_on_kernels():
-    model = create_model("vmoe_mi4_every2", num_layers=2, layers=(1,))
+    model = create_model("vmoe_mi4_every2_e8_k2", num_layers=2, layers=(1,))
     opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
@@ -22,7 +22,8 @@ def test_weight_decay_only_on_kernels():
     assert opt.param_groups[1]["weight_decay"] == 0.0
 
 
-@pytest.mark.parametrize("name", ["vmoe_mi4_every2", "soft_moe_mi4_half", "eee_mi4_every2", "vit_mi4"])
+@pytest.mark.parametrize("name", ["vmoe_mi4_every2_e8_k2", "vmoe_soft_mi4_half", "vmoe_eee_mi4_every2_e8_k1_m2",
+                                  "vmoe_dense_mi4"])
 def test_weight_decay_by_role_not_by_name(name):
     """Issue 14 #5: the expert biases b1 (E, H) / b2 (E, D) are matrices but
     biases; Soft MoE's slot parameters are not kernels either. Exactly the

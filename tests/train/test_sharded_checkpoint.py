@@ -23,7 +23,7 @@ from vmoe_torch.train.checkpoint import CorruptCheckpoint, restore, restore_late
 
 def _model(**kw):
     torch.manual_seed(0)
-    return create_model("vmoe_mi4_every1", num_layers=2, layers=(0, 1), patch_size=8, image_size=32,
+    return create_model("vmoe_mi4_every1_e8_k2", num_layers=2, layers=(0, 1), patch_size=8, image_size=32,
                         num_classes=10, group_size=32, **kw)
 
 

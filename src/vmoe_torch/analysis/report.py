@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -88,10 +89,31 @@ def soft_moe_point(soft_model, test_ds, eval_batch_size: int, sparse_k: int) -> 
             "test_accuracy": float((preds == labels).mean())}
 
 
+@dataclass
+class _Run:
+    """What every section of the analysis reads."""
+
+    model: Any
+    test_ds: Any
+    out_dir: str
+    eval_batch_size: int
+    layers: dict[str, Any]
+    num_experts: int
+    trained_k: int
+    group_size: int
+    tokens_per_image: int
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+
 def analyze(model, test_ds, out_dir: str, eval_batch_size: int = 128,
             capacity_factors: Sequence[float] = CAPACITY_FACTORS, low_capacity: float = 0.5,
             num_map_images: int = 4, sweep_rows: Optional[list[dict]] = None,
             soft_model=None) -> dict[str, Any]:
+    """The routing analysis of a top-K model on `test_ds`: capacity sweep,
+    specialisation, token maps, expert load and reliance on the experts;
+    writes analysis.json, report.md, CSVs and figures to `out_dir`."""
     layers = model.moe_layers()
     if not layers:
         raise ValueError("The analysis needs a model with MoE layers.")
@@ -101,101 +123,120 @@ def analyze(model, test_ds, out_dir: str, eval_batch_size: int = 128,
                          "Soft MoE model as soft_model (vmoe analyze ... --soft-moe DIR).")
     os.makedirs(out_dir, exist_ok=True)
     first = next(iter(layers.values()))
-    num_experts, trained_k = first.num_experts, first.routing.num_selected_experts
-    group_size = first.group_size
-    tokens_per_image = model.config.tokens_per_image
-    prefix = model.num_prefix_tokens
-    grid_h, grid_w = model.pos_grid
-    num_classes = test_ds.num_classes
+    run = _Run(model, test_ds, out_dir, eval_batch_size, layers, first.num_experts,
+               first.routing.num_selected_experts, first.group_size, model.config.tokens_per_image)
     result: dict[str, Any] = {"eval_batch_size": eval_batch_size, "num_test_images": len(test_ds),
-                              "num_experts": num_experts, "trained_k": trained_k, "group_size": group_size}
+                              "num_experts": run.num_experts, "trained_k": run.trained_k,
+                              "group_size": run.group_size}
+    sweep_rows = _capacity_sweep(run, result, capacity_factors, sweep_rows, soft_model)
+    labels, load, gate_mean = _specialisation(run, result, capacity_factors)
+    _token_maps(run, result, low_capacity, num_map_images)
+    _expert_load(run, result, sweep_rows, load)
+    _reliance(run, result, labels, gate_mean, low_capacity)
+    atomic_write_json(run.path("analysis.json"), result)
+    _write_report(result, out_dir)
+    return result
 
-    # 1. Capacity sweep.
+
+def _capacity_sweep(run: _Run, result: dict[str, Any], capacity_factors: Sequence[float],
+                    sweep_rows: Optional[list[dict]], soft_model: Any) -> list[dict]:
+    """1. Accuracy over capacity factors, K and BPR (and a Soft MoE point)."""
     if sweep_rows is None:
-        sweep_rows = routing_grid(model, lambda: eval_batches(test_ds, eval_batch_size), capacity_factors,
-                                  sorted({trained_k, 1}, reverse=True), (False, True))
+        sweep_rows = routing_grid(run.model, lambda: eval_batches(run.test_ds, run.eval_batch_size),
+                                  capacity_factors, sorted({run.trained_k, 1}, reverse=True), (False, True))
     result["capacity_sweep"] = sweep_rows
     if soft_model is not None:
-        result["soft_moe"] = soft_moe_point(soft_model, test_ds, eval_batch_size, trained_k)
-    _write_csv(os.path.join(out_dir, "capacity_sweep.csv"), sweep_rows)
-    plots.plot_capacity_sweep(sweep_rows, os.path.join(out_dir, "capacity_sweep.png"),
-                              soft=result.get("soft_moe"))
+        result["soft_moe"] = soft_moe_point(soft_model, run.test_ds, run.eval_batch_size, run.trained_k)
+    _write_csv(run.path("capacity_sweep.csv"), sweep_rows)
+    plots.plot_capacity_sweep(sweep_rows, run.path("capacity_sweep.png"), soft=result.get("soft_moe"))
+    return sweep_rows
 
-    # 2. Specialisation at full capacity (every token keeps its experts).
+
+def _specialisation(run: _Run, result: dict[str, Any], capacity_factors: Sequence[float]):
+    """2. Specialisation at full capacity (every token keeps its experts);
+    returns (labels, expert load, mean top gate) for the later sections."""
     full_cf = float(max(max(capacity_factors), 4.0))
-    with model.routing(capacity_factor=full_cf):
-        preds, labels, rec = _pass(model, test_ds, eval_batch_size, record=True)
-    token_class = np.repeat(labels, tokens_per_image)
+    with run.model.routing(capacity_factor=full_cf):
+        preds, labels, rec = _pass(run.model, run.test_ds, run.eval_batch_size, record=True)
+    token_class = np.repeat(labels, run.tokens_per_image)
     shares, nmi, load, gate_mean = {}, {}, {}, {}
     for name, runs in rec.items():
         flat = flatten_runs(runs)
         top1 = flat["expert"][:, 0].numpy()
-        counts = class_expert_counts(top1, token_class, num_classes, num_experts)
+        counts = class_expert_counts(top1, token_class, run.test_ds.num_classes, run.num_experts)
         shares[name] = row_shares(counts)
         nmi[name] = normalized_mutual_information(counts)
-        load[name] = expert_load(flat["expert"], num_experts)
+        load[name] = expert_load(flat["expert"], run.num_experts)
         gate_mean[name] = float(flat["gates"][:, 0].mean())
     result["full_capacity_accuracy"] = float((preds == labels).mean())
-    result["specialisation"] = [{"layer": int(n.split("_")[-1]), "name": n, "value": nmi[n]} for n in layers]
+    result["specialisation"] = [{"layer": int(n.split("_")[-1]), "name": n, "value": nmi[n]} for n in run.layers]
     result["heatmaps"] = {n: s.tolist() for n, s in shares.items()}
-    _write_csv(os.path.join(out_dir, "specialisation.csv"), result["specialisation"])
-    plots.plot_heatmaps(shares, nmi, os.path.join(out_dir, "expert_class_heatmaps.png"))
+    _write_csv(run.path("specialisation.csv"), result["specialisation"])
+    plots.plot_heatmaps(shares, nmi, run.path("expert_class_heatmaps.png"))
+    return labels, load, gate_mean
 
-    # 3. Token maps at low capacity (vanilla vs BPR) on the first eval batch.
-    images, _ = next(iter(eval_batches(test_ds, eval_batch_size)))
-    per_group = max(1, group_size // tokens_per_image)
+
+def _token_maps(run: _Run, result: dict[str, Any], low_capacity: float, num_map_images: int) -> None:
+    """3. Token maps at low capacity (vanilla vs BPR) on the first eval batch."""
+    model, tokens = run.model, run.tokens_per_image
+    prefix, (grid_h, grid_w) = model.num_prefix_tokens, model.pos_grid
+    images, _ = next(iter(eval_batches(run.test_ds, run.eval_batch_size)))
+    per_group = max(1, run.group_size // tokens)
     picks = np.linspace(0, min(per_group, len(images)) - 1, num_map_images).round().astype(int)
-    maps: dict[str, dict[str, np.ndarray]] = {n: {} for n in layers}
+    maps: dict[str, dict[str, np.ndarray]] = {n: {} for n in run.layers}
+
+    def per_img(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(len(images), tokens, *t.shape[1:])[picks, prefix:]
+
     for bpr in (False, True):
-        with model.routing(num_selected_experts=trained_k, capacity_factor=low_capacity, batch_priority=bpr):
+        with model.routing(num_selected_experts=run.trained_k, capacity_factor=low_capacity, batch_priority=bpr):
             with record_routing(model) as rec, torch.no_grad():
                 model(to_model_range(images.to(next(model.parameters()).device)))
         for name, runs in rec.items():
             flat = flatten_runs(runs)
-
-            def per_img(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(len(images), tokens_per_image, *t.shape[1:])[picks, prefix:]
             maps[name]["bpr" if bpr else "vanilla"] = per_img(processed_mask(flat["kept"])).reshape(
                 -1, grid_h, grid_w).float().numpy()
             if bpr:
                 maps[name]["priority"] = per_img(flat["gates"][:, 0]).reshape(-1, grid_h, grid_w).numpy()
                 maps[name]["expert"] = per_img(flat["expert"][:, 0]).reshape(-1, grid_h, grid_w).numpy()
     shown = images[picks, 0].float().numpy() / 255.0
-    plots.plot_token_maps(shown, maps, os.path.join(out_dir, "token_maps.png"), low_capacity)
+    plots.plot_token_maps(shown, maps, run.path("token_maps.png"), low_capacity)
     result["token_maps"] = {"images": picks.tolist(), "capacity_factor": low_capacity,
                             "processed_fraction": {n: {k: float(maps[n][k].mean()) for k in ("vanilla", "bpr")}
-                                                   for n in layers}}
+                                                   for n in run.layers}}
 
-    # 4. Expert load and dropped fraction per layer and C.
+
+def _expert_load(run: _Run, result: dict[str, Any], sweep_rows: list[dict], load: dict[str, Any]) -> None:
+    """4. Expert load and dropped fraction per layer and C."""
     dropped = {}
     for r in sweep_rows:
-        if r["num_selected_experts"] == trained_k and not r["batch_priority"]:
+        if r["num_selected_experts"] == run.trained_k and not r["batch_priority"]:
             dropped[r["capacity_factor"]] = {n: 1.0 - v for n, v in r["processed_fraction_per_layer"].items()}
     result["expert_load"] = {n: v.tolist() for n, v in load.items()}
     result["dropped_fraction"] = {str(c): v for c, v in sorted(dropped.items())}
-    plots.plot_expert_load(load, dropped, os.path.join(out_dir, "expert_load.png"))
+    plots.plot_expert_load(load, dropped, run.path("expert_load.png"))
 
-    # 5. Reliance on the experts.
+
+def _reliance(run: _Run, result: dict[str, Any], labels: np.ndarray, gate_mean: dict[str, float],
+              low_capacity: float) -> None:
+    """5. Reliance on the experts: ablation, accuracy by position in the group."""
+    model = run.model
     with model.routing(ablate=True):
-        p_abl, _, _ = _pass(model, test_ds, eval_batch_size)
+        p_abl, _, _ = _pass(model, run.test_ds, run.eval_batch_size)
     ablation = {"full capacity": result["full_capacity_accuracy"],
                 "MoE outputs zeroed": float((p_abl == labels).mean())}
     position = {}
     for cf in sorted({low_capacity, 0.25}):
         for bpr in (False, True):
-            with model.routing(num_selected_experts=trained_k, capacity_factor=cf, batch_priority=bpr):
-                p, _, _ = _pass(model, test_ds, eval_batch_size)
+            with model.routing(num_selected_experts=run.trained_k, capacity_factor=cf, batch_priority=bpr):
+                p, _, _ = _pass(model, run.test_ds, run.eval_batch_size)
             position[f"C={cf} {'BPR' if bpr else 'vanilla'}"] = accuracy_by_group_position(
-                p == labels, tokens_per_image, group_size)
+                p == labels, run.tokens_per_image, run.group_size)
     result["ablation"] = ablation
     result["accuracy_by_group_position"] = position
-    result["gate_stats"] = [{"layer": n, "mean_top_gate": gate_mean[n], "uniform": 1.0 / num_experts}
-                            for n in layers]
-    plots.plot_reliance(ablation, position, gate_mean, num_experts, os.path.join(out_dir, "reliance.png"))
-
-    atomic_write_json(os.path.join(out_dir, "analysis.json"), result)
-    _write_report(result, out_dir)
-    return result
+    result["gate_stats"] = [{"layer": n, "mean_top_gate": gate_mean[n], "uniform": 1.0 / run.num_experts}
+                            for n in run.layers]
+    plots.plot_reliance(ablation, position, gate_mean, run.num_experts, run.path("reliance.png"))
 
 
 def _acc(rows, cf, k, bpr):

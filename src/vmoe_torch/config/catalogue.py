@@ -4,81 +4,78 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
 
-from .descriptions import VIT_BACKBONES, parse_description, second_half
+from .descriptions import parse_description
 from .model import ModelConfig, MoeConfig, as_pair
 from .routing import RoutingConfig
 
-PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
-# CPU-sized presets: no representation layer, fp32 dispatch (the bf16 rounding
-# only costs time on CPUs), aux loss weight 0.01 each.
-_TINY: dict[str, Any] = dict(representation_size=None)
-_TINY_ROUTING: dict[str, Any] = dict(bfloat16_dispatch=False, importance_loss_weight=0.01, load_loss_weight=0.01)
+@dataclass(frozen=True)
+class Preset:
+    """One catalogue entry: a paper description (`parse_description`, with
+    its class count and image size) and overrides (`override_config`)."""
 
+    description: str
+    num_classes: int = 1000
+    image_size: Optional[int] = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
-def register(name: str, description: str, tiny: bool = False, **kw: Any) -> None:
-    def build() -> ModelConfig:
-        cfg = parse_description(description, **kw)
-        if not tiny:
-            return cfg
-        cfg = dataclasses.replace(cfg, **_TINY)
-        if cfg.moe is not None:
-            cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
-                cfg.moe, routing=cfg.moe.routing.updated(**_TINY_ROUTING)))
-        return cfg
-    PRESETS[name] = build
+    def config(self) -> ModelConfig:
+        cfg = parse_description(self.description, self.num_classes, self.image_size)
+        return override_config(cfg, self.description, **self.overrides) if self.overrides else cfg
 
 
+# CPU-sized presets: 32x32 images, patch 4 (64 tokens + class token), no
+# representation layer, fp32 dispatch (the bf16 rounding only costs time on
+# CPUs), aux loss weight 0.01 each.
+_TINY_DENSE: dict[str, Any] = dict(representation_size=None)
+_TINY = dict(_TINY_DENSE, bfloat16_dispatch=False, importance_loss_weight=0.01, load_loss_weight=0.01)
+
+
+def _tiny(description: str, overrides: Mapping[str, Any]) -> Preset:
+    return Preset(description, num_classes=10, image_size=32, overrides=overrides)
+
+
+# The one catalogue: every named model has this one name, here, in timm's
+# registry and in experiment files.
+CATALOGUE: dict[str, Preset] = {}
 # The paper's V-MoE backbones (E=8, K=2 as the released checkpoints) and their dense twins.
 for _size, _patch in (("S", 32), ("B", 32), ("B", 16), ("L", 32), ("L", 16), ("H", 14)):
     _tag = f"{_size.lower()}{_patch}"
-    register(f"vit_{_tag}", f"ViT-{_size}/{_patch}")
-    register(f"vmoe_{_tag}_every2", f"V-MoE-{_size}/{_patch}, E=8, K=2, Every 2")
-    register(f"vmoe_{_tag}_last2", f"V-MoE-{_size}/{_patch}, E=8, K=2, Last 2")
-register("vit_ti16", "ViT-Ti/16")
-# Tiny CPU presets: 32x32 images, patch 4 (64 tokens + class token).
-register("vit_mi4", "ViT-Mi/4", tiny=True, num_classes=10, image_size=32)
-register("vmoe_mi4_every1", "V-MoE-Mi/4, E=8, K=2, Every 1", tiny=True, num_classes=10, image_size=32)
-register("vmoe_mi4_every2", "V-MoE-Mi/4, E=8, K=2, Every 2", tiny=True, num_classes=10, image_size=32)
-register("vit_ti4", "ViT-Ti/4", tiny=True, num_classes=10, image_size=32)
-register("vmoe_ti4_every2", "V-MoE-Ti/4, E=8, K=2, Every 2", tiny=True, num_classes=10, image_size=32)
+    CATALOGUE[f"vmoe_dense_{_tag}"] = Preset(f"ViT-{_size}/{_patch}")
+    CATALOGUE[f"vmoe_{_tag}_every2_e8_k2"] = Preset(f"V-MoE-{_size}/{_patch}, E=8, K=2, Every 2")
+    CATALOGUE[f"vmoe_{_tag}_last2_e8_k2"] = Preset(f"V-MoE-{_size}/{_patch}, E=8, K=2, Last 2")
+CATALOGUE["vmoe_dense_ti16"] = Preset("ViT-Ti/16")
+CATALOGUE.update({
+    "vmoe_dense_mi4": _tiny("ViT-Mi/4", _TINY_DENSE),
+    "vmoe_mi4_every1_e8_k2": _tiny("V-MoE-Mi/4, E=8, K=2, Every 1", _TINY),
+    "vmoe_mi4_every2_e8_k2": _tiny("V-MoE-Mi/4, E=8, K=2, Every 2", _TINY),
+    "vmoe_dense_ti4": _tiny("ViT-Ti/4", _TINY_DENSE),
+    "vmoe_ti4_every2_e8_k2": _tiny("V-MoE-Ti/4, E=8, K=2, Every 2", _TINY),
+    # Soft MoE paper models: 128 experts of one slot each (128 slots for 196 tokens).
+    "vmoe_soft_s16_128e": Preset("Soft MoE-S/16, E=128, p=1"),
+    "vmoe_soft_b16_128e": Preset("Soft MoE-B/16, E=128, p=1"),
+    "vmoe_soft_l16_128e": Preset("Soft MoE-L/16, E=128, p=1"),
+    "vmoe_soft_mi4_half": _tiny("Soft MoE-Mi/4, E=8, p=2", {"qk_norm": False}),
+    # E^3 (the released eee_s32_last2 architecture) and a tiny one.
+    "vmoe_eee_s32_last2_e8_k1_m2": Preset("V-MoE-S/32, E=8, K=1, M=2, Last 2"),
+    "vmoe_eee_mi4_every2_e8_k1_m2": _tiny("V-MoE-Mi/4, E=8, K=1, M=2, Every 2", _TINY),
+})
+# Names of earlier versions, still accepted (with a warning) by `resolve_config`.
+RENAMED: dict[str, str] = {
+    **{f"vit_{t}": f"vmoe_dense_{t}" for t in ("s32", "b32", "b16", "l32", "l16", "h14", "ti16", "mi4", "ti4")},
+    **{f"vmoe_{t}_{p}": f"vmoe_{t}_{p}_e8_k2" for t in ("s32", "b32", "b16", "l32", "l16", "h14")
+       for p in ("every2", "last2")},
+    "vmoe_mi4_every1": "vmoe_mi4_every1_e8_k2", "vmoe_mi4_every2": "vmoe_mi4_every2_e8_k2",
+    "vmoe_ti4_every2": "vmoe_ti4_every2_e8_k2",
+    **{f"soft_moe_{s}16_128e": f"vmoe_soft_{s}16_128e" for s in ("s", "b", "l")},
+    "soft_moe_mi4_half": "vmoe_soft_mi4_half",
+    "eee_s32_last2": "vmoe_eee_s32_last2_e8_k1_m2", "eee_mi4_every2": "vmoe_eee_mi4_every2_e8_k1_m2",
+}
 
-
-
-def soft_moe_config(size: str, patch: int, num_experts: int, num_slots: int,
-                    image_size: int = 224, num_classes: int = 1000) -> ModelConfig:
-    """A Soft MoE model as in the paper (arXiv 2308.00951) and the reference's
-    soft_moe configs: ViT backbone of "Scaling ViT" sizes, GAP head, qk-norm,
-    MoE in every block of the second half, one image per routing group."""
-    bb = VIT_BACKBONES[size]
-    tokens = (image_size // patch) ** 2
-    routing = RoutingConfig(router="soft", num_slots=num_slots, capacity_factor=None)
-    moe = MoeConfig(layers=second_half(bb.num_layers), num_experts=num_experts, group_size=tokens,
-                    routing=routing)
-    return ModelConfig(num_classes=num_classes, image_size=(image_size, image_size),
-                       patch_size=(patch, patch), hidden_size=bb.hidden_size,
-                       num_layers=bb.num_layers, num_heads=bb.num_heads, mlp_dim=bb.mlp_dim,
-                       classifier="gap", head_bias_init=-math.log(num_classes), moe=moe,
-                       qk_norm=True)
-
-
-# Soft MoE paper models: 128 experts of one slot each (128 slots for 196 tokens).
-def _soft_preset(size: str) -> Callable[[], ModelConfig]:
-    return lambda: soft_moe_config(size, 16, num_experts=128, num_slots=1)
-
-
-for _size in ("S", "B", "L"):
-    PRESETS[f"soft_moe_{_size.lower()}16_128e"] = _soft_preset(_size)
-PRESETS["soft_moe_mi4_half"] = lambda: dataclasses.replace(
-    parse_description("V-MoE-Mi/4, E=8, K=1, Second half", num_classes=10, image_size=32),
-    representation_size=None, classifier="gap", moe=MoeConfig(
-        layers=second_half(6), num_experts=8, group_size=64,
-        routing=RoutingConfig(router="soft", num_slots=2, capacity_factor=None)))
-# E^3 (the released eee_s32_last2 architecture) and a tiny one.
-register("eee_s32_last2", "V-MoE-S/32, E=8, K=1, M=2, Last 2")
-register("eee_mi4_every2", "V-MoE-Mi/4, E=8, K=1, M=2, Every 2", tiny=True, num_classes=10, image_size=32)
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 _MOE_FIELDS = {f.name for f in dataclasses.fields(MoeConfig)} - {"routing"}
@@ -86,7 +83,7 @@ _ROUTING_FIELDS = {f.name for f in dataclasses.fields(RoutingConfig)}
 
 
 def list_models() -> list[str]:
-    return sorted(PRESETS)
+    return sorted(CATALOGUE)
 
 
 def _images_per_group(cfg: ModelConfig) -> int:
@@ -146,8 +143,12 @@ def resolve_config(name: str, **overrides: Any) -> ModelConfig:
     Names shared by two sections (mlp_dim, dropout_rate) are the model's;
     pass `moe={"mlp_dim": 256}` for the experts'.
     """
-    if name in PRESETS:
-        cfg = PRESETS[name]()
+    if name in RENAMED:
+        warnings.warn(f"Model name {name!r} is now {RENAMED[name]!r}; the old name will be removed.",
+                      DeprecationWarning, stacklevel=2)
+        name = RENAMED[name]
+    if name in CATALOGUE:
+        cfg = CATALOGUE[name].config()
     elif "/" in name:
         cfg = parse_description(name)
     else:

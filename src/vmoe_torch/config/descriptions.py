@@ -48,6 +48,7 @@ def second_half(num_layers: int) -> tuple[int, ...]:
 # The ViT sizes of "Scaling Vision Transformers" that the Soft MoE paper
 # builds on (reference soft_moe/configs/common.py); S differs from V-MoE's S.
 VIT_BACKBONES: dict[str, Backbone] = {
+    "Mi": BACKBONES["Mi"],  # CPU-sized, shared with the V-MoE table
     "Ti": Backbone(192, 12, 768, 3),
     "S": Backbone(384, 12, 1536, 6),
     "B": Backbone(768, 12, 3072, 12),
@@ -65,8 +66,61 @@ def last_n(num_layers: int, n: int) -> tuple[int, ...]:
 
 
 _DESCRIPTION = re.compile(
-    r"^\s*(?:v-?moe|vit)-(?P<size>mi|ti|s|b|l|h)/(?P<patch>\d+)"
+    r"^\s*(?P<family>soft[- ]?moe|v-?moe|vit)-(?P<size>mi|ti|s|b|l|h)/(?P<patch>\d+)"
     r"(?P<opts>(?:\s*,\s*[^,]+)*)\s*$", re.IGNORECASE)
+
+
+@dataclass
+class _Options:
+    """The options of a description after the size: E=, K=, C=, M=, p=, placement."""
+
+    experts: Optional[int] = None
+    k: Optional[int] = None
+    capacity_factor: float = 1.05
+    members: int = 1
+    slots: Optional[int] = None
+    layers: Optional[tuple[Any, ...]] = None  # ("every" | "last" | "half", n) or explicit indices
+
+
+def _parse_options(opts: list[str], text: str) -> _Options:
+    o = _Options()
+    for opt in opts:
+        low = opt.lower().replace(" ", "")
+        if low.startswith("e="):
+            o.experts = int(low[2:])
+        elif low.startswith("k="):
+            o.k = int(low[2:])
+        elif low.startswith("c="):
+            o.capacity_factor = float(low[2:])
+        elif low.startswith("m="):
+            o.members = int(low[2:])
+        elif low.startswith("p="):
+            o.slots = int(low[2:])
+        elif low in ("secondhalf", "half"):
+            o.layers = ("half", 0)
+        elif low.startswith("every"):
+            o.layers = ("every", int(low[5:]))
+        elif low.startswith("last"):
+            o.layers = ("last", int(low[4:]))
+        elif low.endswith("epochs"):
+            continue  # training length, not part of the model
+        elif low.startswith("layers"):
+            o.layers = tuple(int(x) for x in opt.split()[1:])
+        else:
+            raise ValueError(f"Unknown option {opt!r} in model description {text!r}; "
+                             "known: E=, K=, C=, M=, p=, Every n, Last n, Second half, Layers i j ...")
+    return o
+
+
+def _placement(layers: tuple[Any, ...], num_layers: int) -> tuple[int, ...]:
+    """MoE block indices of a placement ("every" | "last" | "half", n) or explicit indices."""
+    if layers and layers[0] == "every":
+        return every_n(num_layers, layers[1])
+    if layers and layers[0] == "last":
+        return last_n(num_layers, layers[1])
+    if layers and layers[0] == "half":
+        return second_half(num_layers)
+    return tuple(layers)
 
 
 def parse_description(text: str, num_classes: int = 1000,
@@ -76,7 +130,7 @@ def parse_description(text: str, num_classes: int = 1000,
     A trailing "300 Epochs" (the reference's form) is accepted and ignored.
     "M=2" makes it an E^3 ensemble of 2 members (the group then holds 8
     images per member); "Second half" puts MoE in every block of the second
-    half.
+    half. "Soft MoE-S/16, E=128, p=1" is a Soft MoE (`soft_moe_config`).
 
     The other settings follow the paper's configs: group size of 8 images'
     worth of tokens, representation layer, head bias -log(num_classes),
@@ -86,42 +140,24 @@ def parse_description(text: str, num_classes: int = 1000,
     if not m:
         raise ValueError(
             f"Cannot parse model description {text!r}. Expected e.g. "
-            "'ViT-S/32, E=8, K=2, Last 2' (sizes: Mi, Ti, S, B, L, H; placement: "
-            "'Every n', 'Last n' or 'Layers 1 3 5').")
+            "'ViT-S/32, E=8, K=2, Last 2' or 'Soft MoE-B/16, E=128, p=1' (sizes: Mi, Ti, S, B, L, H; "
+            "placement: 'Every n', 'Last n' or 'Layers 1 3 5').")
     size = next(k for k in BACKBONES if k.lower() == m["size"].lower())
-    bb, patch = BACKBONES[size], int(m["patch"])
-    opts = [o.strip() for o in m["opts"].split(",") if o.strip()]
-    experts = k = None
-    members = 1
-    cf = 1.05
-    layers: Optional[tuple[Any, ...]] = None   # ("every" | "last" | "half", n) or explicit indices
-    for opt in opts:
-        low = opt.lower().replace(" ", "")
-        if low.startswith("e="):
-            experts = int(low[2:])
-        elif low.startswith("k="):
-            k = int(low[2:])
-        elif low.startswith("c="):
-            cf = float(low[2:])
-        elif low.startswith("m="):
-            members = int(low[2:])
-        elif low in ("secondhalf", "half"):
-            layers = ("half", 0)
-        elif low.startswith("every"):
-            layers = ("every", int(low[5:]))
-        elif low.startswith("last"):
-            layers = ("last", int(low[4:]))
-        elif low.endswith("epochs"):
-            continue  # training length, not part of the model
-        elif low.startswith("layers"):
-            layers = tuple(int(x) for x in opt.split()[1:])
-        else:
-            raise ValueError(f"Unknown option {opt!r} in model description {text!r}; "
-                             "known: E=, K=, C=, M=, Every n, Last n, Second half, Layers i j ...")
+    patch = int(m["patch"])
+    o = _parse_options([x.strip() for x in m["opts"].split(",") if x.strip()], text)
     if image_size is None:
         image_size = 32 if size == "Mi" else 224
     if image_size % patch:
         raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}.")
+    if m["family"].lower().startswith("soft"):
+        if o.experts is None or o.slots is None:
+            raise ValueError(f"A Soft MoE description needs E= and p= (slots per expert), got {text!r}.")
+        return soft_moe_config(size, patch, o.experts, o.slots, image_size, num_classes)
+    return _vmoe_config(BACKBONES[size], patch, o, image_size, num_classes, text)
+
+
+def _vmoe_config(bb: Backbone, patch: int, o: _Options, image_size: int, num_classes: int,
+                 text: str) -> ModelConfig:
     # The paper's settings (reference vmoe_paper/common.py): token classifier,
     # representation layer of the hidden size, head bias -log(classes).
     base: dict[str, Any] = dict(num_classes=num_classes, image_size=(image_size, image_size),
@@ -129,27 +165,35 @@ def parse_description(text: str, num_classes: int = 1000,
                 num_heads=bb.num_heads, mlp_dim=bb.mlp_dim, classifier="token",
                 representation_size=bb.hidden_size,
                 head_bias_init=-math.log(num_classes) if num_classes > 1 else 0.0)
-    if experts is None:
-        if k is not None or layers is not None:
+    if o.experts is None:
+        if o.k is not None or o.layers is not None:
             raise ValueError(f"{text!r} sets K or MoE layers but no number of experts E=.")
         return ModelConfig(**base)
-    if layers is None:
-        layers = ("every", 2)
-    if layers and layers[0] == "every":
-        moe_layers = every_n(bb.num_layers, layers[1])
-    elif layers and layers[0] == "last":
-        moe_layers = last_n(bb.num_layers, layers[1])
-    elif layers and layers[0] == "half":
-        moe_layers = second_half(bb.num_layers)
-    else:
-        moe_layers = tuple(layers)
     tokens = (image_size // patch) ** 2 + 1
     # Paper: aux loss weights 0.005 each, bfloat16 dispatch, vanilla routing in training.
-    routing = RoutingConfig(num_selected_experts=k or 1, capacity_factor=cf,
+    routing = RoutingConfig(num_selected_experts=o.k or 1, capacity_factor=o.capacity_factor,
                             importance_loss_weight=0.005, load_loss_weight=0.005,
                             bfloat16_dispatch=True)
-    moe = MoeConfig(layers=moe_layers, num_experts=experts, group_size=8 * tokens * members,
-                    routing=routing, ensemble_size=members)
+    placement = o.layers if o.layers is not None else ("every", 2)
+    moe = MoeConfig(layers=_placement(placement, bb.num_layers), num_experts=o.experts,
+                    group_size=8 * tokens * o.members, routing=routing, ensemble_size=o.members)
     cfg = ModelConfig(**base, moe=moe)
     cfg.validate()
     return cfg
+
+
+def soft_moe_config(size: str, patch: int, num_experts: int, num_slots: int,
+                    image_size: int = 224, num_classes: int = 1000) -> ModelConfig:
+    """A Soft MoE model as in the paper (arXiv 2308.00951) and the reference's
+    soft_moe configs: ViT backbone of "Scaling ViT" sizes, GAP head, qk-norm,
+    MoE in every block of the second half, one image per routing group."""
+    bb = VIT_BACKBONES[size]
+    tokens = (image_size // patch) ** 2
+    routing = RoutingConfig(router="soft", num_slots=num_slots, capacity_factor=None)
+    moe = MoeConfig(layers=second_half(bb.num_layers), num_experts=num_experts, group_size=tokens,
+                    routing=routing)
+    return ModelConfig(num_classes=num_classes, image_size=(image_size, image_size),
+                       patch_size=(patch, patch), hidden_size=bb.hidden_size,
+                       num_layers=bb.num_layers, num_heads=bb.num_heads, mlp_dim=bb.mlp_dim,
+                       classifier="gap", head_bias_init=-math.log(num_classes), moe=moe,
+                       qk_norm=True)

@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .catalogue import resolve_config
-from .routing import RoutingConfig
+from .routing import RoutingConfig, check_group_size
 from .typed import ConfigError, from_dict, to_dict
 
 
@@ -19,7 +19,7 @@ class ModelSection:
     `overrides`: create_model keyword overrides (num_classes, num_experts,
     group_size, capacity_factor, batch_priority, ...)."""
 
-    name: str = "vmoe_mi4_every1"
+    name: str = "vmoe_mi4_every1_e8_k2"
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -210,6 +210,7 @@ def _validate_model(cfg: ExperimentConfig) -> None:
             resolve_config(cfg.model.name, image_size=cfg.data.image_size, **overrides)
         else:
             overrides.pop("head_bias_init", None)
+            check_group_size(overrides.pop("group_size", None))  # a run-time setting; the rest is routing
             routing = RoutingConfig().updated(**overrides)
             # E is the checkpoint's, unknown here: the K <= E check runs when it is loaded.
             k = routing.num_selected_experts

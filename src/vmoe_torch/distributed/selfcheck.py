@@ -37,7 +37,7 @@ CASES += [dict(num_experts=4, num_selected_experts=2, dropless=True),
 
 def _model(case: dict) -> VisionTransformerMoe:
     torch.manual_seed(0)
-    model = create_model("vmoe_mi4_every1", num_layers=2, layers=(0, 1), patch_size=8, image_size=32,
+    model = create_model("vmoe_mi4_every1_e8_k2", num_layers=2, layers=(0, 1), patch_size=8, image_size=32,
                          group_size=2 * 17, **case).train()
     model.set_noise_seed(7)
     return model

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config.catalogue import PRESETS, override_config
+from ..config.catalogue import CATALOGUE, override_config
 from ..config.model import ModelConfig
 from ..models.timm_contract import POOLS, default_pretrained_cfg
 from ..models.vit_moe import VisionTransformerMoe
@@ -33,17 +33,6 @@ _TIMM_KWARGS = {"img_size": "image_size", "drop_rate": "dropout_rate", "attn_dro
                 "drop_path_rate": "drop_path_rate", "dynamic_img_size": "dynamic_img_size",
                 "num_classes": "num_classes", "in_chans": "in_chans", "global_pool": "classifier"}
 _registered: dict[str, Callable[[], ModelConfig]] = {}
-
-
-def _preset_name(preset: str, cfg: ModelConfig) -> str:
-    if cfg.moe is None:
-        return "vmoe_dense_" + preset.removeprefix("vit_")
-    if cfg.moe.routing.router == "soft":
-        return "vmoe_" + preset.replace("soft_moe_", "soft_")
-    e, k = cfg.moe.num_experts, cfg.moe.routing.num_selected_experts
-    if cfg.moe.ensemble_size > 1:
-        return f"vmoe_{preset}_e{e}_k{k}_m{cfg.moe.ensemble_size}"
-    return f"{preset}_e{e}_k{k}"
 
 
 def _released() -> dict[str, Callable[[], ModelConfig]]:
@@ -57,16 +46,15 @@ def _released() -> dict[str, Callable[[], ModelConfig]]:
 def _sources() -> dict[str, tuple[str, Callable[[], ModelConfig], ModelConfig]]:
     """{timm name: (our name, config builder, its config)}, each config built once."""
     out = {}
-    for preset, build in PRESETS.items():
-        cfg = build()
-        out[_preset_name(preset, cfg)] = (preset, build, cfg)
+    for name, preset in CATALOGUE.items():
+        out[name] = (name, preset.config, preset.config())
     for name, build in _released().items():
         out[name] = (name, build, build())
     return dict(sorted(out.items()))
 
 
 def timm_names() -> dict[str, str]:
-    """{timm name: our preset or released-checkpoint name}."""
+    """{timm name: our catalogue or released-checkpoint name} (the same names)."""
     return {timm_name: ours for timm_name, (ours, _, _) in _sources().items()}
 
 

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config.model import LayerRouting, ModelConfig
-from ..config.routing import RoutingConfig
 from ..config.typed import from_dict
 from ..layers import MapHead, Mlp, PatchEmbed, resample_pos_embed, sincos2d_pos_embed
 from ..layers.block import Block
@@ -163,7 +162,7 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         per = {int(name.split("_")[-1]): layer.routing for name, layer in self.moe_layers().items()}
         if not per:
             return cfg
-        moe = cfg.moe
+        moe = dataclasses.replace(cfg.moe, group_size=self.group_size)
         values = list(per.values())
         base = max(values, key=lambda r: (values.count(r), r == moe.routing))
         overrides = tuple(LayerRouting(i, r) for i, r in sorted(per.items()) if r != base)
@@ -400,7 +399,11 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         """Changes routing at inference without retraining, e.g.
         `model.set_routing(num_selected_experts=1, capacity_factor=0.5,
         batch_priority=True)`; `layers` restricts it to some block indices.
-        All-or-nothing: if any layer rejects the change, none is changed."""
+        All-or-nothing: if any layer rejects the change, none is changed.
+
+        `group_size` (tokens per routing group) is a run-time setting too, one
+        for the whole model (no `layers`); Soft MoE accepts a new group size
+        only when its slot count, fixed by its parameters, stays the same."""
         moe = self.moe_layers()
         if not moe:
             raise ValueError("This model has no MoE layers to re-route.")
@@ -408,19 +411,36 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         missing = [k for k, v in targets.items() if v is None]
         if missing:
             raise ValueError(f"Blocks {missing} are not MoE layers; MoE blocks: {sorted(moe)}.")
+        new_group_size = "group_size" in changes
+        group_size = changes.pop("group_size", None)
+        if new_group_size and layers is not None:
+            raise ValueError("group_size is one setting of the whole model: set it without layers=.")
         saved = self.routing_settings()
         try:
+            if new_group_size:
+                for every in moe.values():
+                    every.set_group_size(group_size)
             for layer in targets.values():
                 assert layer is not None
-                layer.set_routing(**changes)
+                if changes:
+                    layer.set_routing(**changes)
         except Exception:
             self._restore_routing(saved)
             raise
 
-    def _restore_routing(self, saved: dict[str, RoutingConfig]) -> None:
+    @property
+    def group_size(self) -> Optional[int]:
+        """Tokens per routing group (None: each batch is one group), as the
+        MoE layers run now."""
+        layers = self.moe_layers()
+        return next(iter(layers.values())).group_size if layers else None
+
+    def _restore_routing(self, saved: dict[str, Any]) -> None:
         for name, layer in self.moe_layers().items():
             if layer.routing != saved[name]:
                 layer.apply_routing(saved[name])
+            if layer.group_size != saved["group_size"]:
+                layer.set_group_size(saved["group_size"])
 
     def set_noise_seed(self, seed: Optional[int]) -> None:
         """Router noise from per-group seeds derived from `seed` (None: torch's
@@ -428,8 +448,9 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         for i, layer in enumerate(self.moe_layers().values()):
             layer.noise_seed = None if seed is None else seed * 131 + i
 
-    def routing_settings(self) -> dict[str, RoutingConfig]:
-        return {k: v.routing for k, v in self.moe_layers().items()}
+    def routing_settings(self) -> dict[str, Any]:
+        """{"encoderblock_<i>": its RoutingConfig, ..., "group_size": tokens per group}."""
+        return {**{k: v.routing for k, v in self.moe_layers().items()}, "group_size": self.group_size}
 
     @contextlib.contextmanager
     def routing(self, layers: Optional[list[int]] = None, **changes: Any) -> Iterator[None]:

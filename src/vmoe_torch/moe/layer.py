@@ -85,6 +85,21 @@ class MoeMlp(nn.Module):
         """Changes routing settings in place (K, capacity, BPR, router, ...)."""
         self.apply_routing(self.routing.updated(**changes))
 
+    def set_group_size(self, group_size: Optional[int]) -> None:
+        """Routes groups of `group_size` tokens from now on (None: each batch
+        is one group). Soft MoE's slot count is fixed by its parameters, so
+        it accepts only a group size that keeps it."""
+        check_group_size(group_size, self.ensemble_size)
+        current = self.router
+        if isinstance(current, SoftRouter):
+            slots = SoftRouter.slots_for(self.routing, group_size, self.num_experts)
+            if slots != current.num_slots:
+                raise ValueError(
+                    f"Soft MoE's slot count is fixed by its parameters mu (D, E, p={current.num_slots}); "
+                    f"group_size={group_size} with these settings gives p={slots}. Set num_slots={current.num_slots} "
+                    "to change the group size.")
+        self.group_size = group_size
+
     def apply_routing(self, config: RoutingConfig) -> None:
         """Runs the layer with `config` from now on. Top-K and expert choice
         share the gating matrix, so either may replace the other; Soft MoE's

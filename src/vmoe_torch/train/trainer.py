@@ -10,27 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import time
 import warnings
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
 from ..config.experiment import ExperimentConfig, config_to_dict
 from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model_range
-from ..distributed import fsdp
-from ..distributed.comm import comm_device
-from ..distributed.expert_parallel import (
-    check_expert_parallel,
-    clip_grad_norm_distributed,
-    data_parallel,
-    expert_parallel,
-    sync_gradients,
-)
 from ..distributed.runtime import init_from_env, local_device
 from ..evaluate.classification import evaluate_at_capacity
 from ..models.factory import create_model
@@ -38,13 +26,14 @@ from ..models.loading import consolidate_checkpoint, load_model
 from ..models.vit_moe import VisionTransformerMoe
 from ..storage.lock import WorkdirLock, remove_orphan_temporaries
 from ..storage.pretrained import config_json
-from ..storage.workdir import check_writable, checkpoint_dir, latest_checkpoint, list_checkpoints
+from ..storage.workdir import check_writable, latest_checkpoint, list_checkpoints
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.seeds import derive_seed
-from .checkpoint import restore_latest, save_checkpoint, save_sharded_checkpoint
-from .logger import MetricsLogger
+from .checkpoint import restore_latest
+from .hooks import Hook, default_hooks
 from .losses import LOSSES
-from .optim import build_optimizer, clip_grad_norm, learning_rate
+from .optim import build_optimizer, learning_rate
+from .parallel import ParallelMode, choose_mode
 
 __all__ = ["Trainer", "build_model", "load_model", "run_identity", "step_seed"]
 
@@ -83,6 +72,10 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> VisionTransformerMoe
     model = load_model(cfg.finetune.init).train()
     if tuple(model.config.image_size) != (size, size):
         model.resize_pos_embed((size, size))
+        if model.group_size is not None and "group_size" not in cfg.model.overrides:
+            warnings.warn(f"Fine-tuning at {size}x{size}: routing groups stay group_size={model.group_size} "
+                          f"tokens ({model.group_size / model.config.tokens_per_image:g} images at this "
+                          "resolution); set model.overrides.group_size to choose another.")
     if cfg.finetune.new_head:
         head_bias = cfg.model.overrides.get("head_bias_init", 0.0)
         model.reset_classifier(num_classes, head_bias_init=head_bias,
@@ -102,45 +95,50 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> VisionTransformerMoe
 class Trainer:
     """`Trainer(cfg, workdir).fit()` trains, checkpoints, resumes and logs."""
 
-    def __init__(self, cfg: ExperimentConfig, workdir: str, force: bool = False) -> None:
+    def __init__(self, cfg: ExperimentConfig, workdir: str, force: bool = False,
+                 hooks: Optional[list[Hook]] = None) -> None:
         self.cfg, self.workdir, self.force = cfg, workdir, force
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         # Everything that can fail on bad config or data fails here, before any work.
         self.device = local_device(resolve_device(cfg.train.device))
-        self.rank, self.world = init_from_env(self.device)
-        self.expert_parallel = cfg.train.expert_parallel and self.world > 1 and not cfg.train.fsdp
-        self.fsdp = cfg.train.fsdp and self.world > 1
-        self.sharded = self.expert_parallel or self.fsdp  # the model state is spread over the ranks
-        self.expert_shards = 1
-        if self.fsdp:
-            self.expert_shards = cfg.train.expert_shards or (self.world if cfg.train.expert_parallel else 1)
-        if cfg.data.batch_size % (self.world * cfg.train.grad_accum):
+        rank, world = init_from_env(self.device)
+        self.mode: ParallelMode = choose_mode(cfg.train, rank, world, self.device)
+        if cfg.data.batch_size % (world * cfg.train.grad_accum):
             raise ValueError(f"data.batch_size={cfg.data.batch_size} must be a multiple of world size "
-                             f"{self.world} x train.grad_accum {cfg.train.grad_accum}.")
+                             f"{world} x train.grad_accum {cfg.train.grad_accum}.")
         check_writable(workdir)
         self.train_ds, self.test_ds = build_datasets(cfg.data)
         self.model = build_model(cfg, self.train_ds.num_classes).to(self.device)
         # The training forward: the model itself, or with train.compile its compiled
-        # form (one graph for every batch of whole routing groups, no graph breaks).
-        # Under FSDP2 each block is compiled instead (in _setup), FSDP's hooks
-        # between blocks staying eager, as torchtitan does.
+        # form (one graph for every batch of whole routing groups, no graph breaks);
+        # under FSDP2 the mode compiles each block instead when it wraps the model.
         self.forward_model: Any = self.model
-        if cfg.train.compile and not self.fsdp:
-            self.forward_model = torch.compile(self.model, dynamic=True, fullgraph=True,
-                                               backend=cfg.train.compile_backend)
-        if self.expert_parallel:
-            check_expert_parallel(self.model, self.world)
-        if self.fsdp:
-            if self.world % self.expert_shards:
-                raise ValueError(f"train.expert_shards={self.expert_shards} must divide the world size "
-                                 f"{self.world}.")
-            check_expert_parallel(self.model, self.expert_shards)
+        if cfg.train.compile and self.mode.compiles_whole_model():
+            self.forward_model = torch.compile(self.model, **self._compile_options())
+        self.mode.check(self.model)
         self._check_image_size()
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.loss_fn = LOSSES[cfg.train.loss]
-        self._stop_signal: Optional[int] = None
+        self.hooks = default_hooks() if hooks is None else hooks
+        self.stop_reason: Optional[str] = None
+        self.stop_signal: Optional[int] = None
+
+    @property
+    def rank(self) -> int:
+        return self.mode.rank
+
+    @property
+    def world(self) -> int:
+        return self.mode.world
+
+    def _compile_options(self) -> dict[str, Any]:
+        return {"dynamic": True, "fullgraph": True, "backend": self.cfg.train.compile_backend}
+
+    def request_stop(self, reason: str, signum: Optional[int] = None) -> None:
+        """Ends the loop after the current step (which is checkpointed)."""
+        self.stop_reason, self.stop_signal = reason, signum
 
     def _check_image_size(self) -> None:
         image, _ = self.train_ds[0]
@@ -186,15 +184,8 @@ class Trainer:
         then is the run committed to the work dir (`_commit_workdir`).
         Returns the first step to run."""
         ckpt, restart = self._read_identity()
-        if self.fsdp:
-            fsdp.fsdp_expert_parallel(self.model, fsdp.parallel_mesh(self.expert_shards, self.device.type))
-            if self.cfg.train.compile:
-                for block in self.model.blocks:
-                    block.compile(fullgraph=True, dynamic=True, backend=self.cfg.train.compile_backend)
-        elif self.expert_parallel:
-            expert_parallel(self.model)
-        elif self.world > 1:
-            data_parallel(self.model)
+        per_block = self.cfg.train.compile and not self.mode.compiles_whole_model()
+        self.mode.wrap(self.model, self._compile_options() if per_block else None)
         self._warn_split_groups()
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
         start = 0
@@ -209,8 +200,8 @@ class Trainer:
         """Writes the run identity and config.yaml (after a successful set-up
         only, so that a failed start never changes what the work dir accepts);
         with --force over another config, first deletes its checkpoints."""
-        self._barrier()  # every rank has read the old identity before rank 0 rewrites it
-        if self.rank == 0:
+        self.mode.barrier()  # every rank has read the old identity before rank 0 rewrites it
+        if self.mode.lead:
             if restart:
                 steps = [s for s, _ in list_checkpoints(self.workdir)]
                 shutil.rmtree(os.path.join(self.workdir, "checkpoints"))
@@ -222,29 +213,15 @@ class Trainer:
             atomic_write_json(os.path.join(self.workdir, "run_identity.json"), run_identity(self.cfg))
             atomic_write_text(os.path.join(self.workdir, "config.yaml"),
                               yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-        self._barrier()
+        self.mode.barrier()
 
-    def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def _save(self, step: int) -> str:
-        """Checkpoint `step`: sharded (every rank writes its shards) when the
-        state is spread over the ranks, else written whole by rank 0."""
+    def save(self, step: int) -> str:
+        """Checkpoint `step` in the parallel mode's layout."""
         assert self.optimizer is not None
-        extra = {"data_position": {"step": step, "batch_size": self.cfg.data.batch_size, "seed": self.cfg.data.seed},
-                 "world_size": self.world, "expert_parallel": self.expert_parallel, "fsdp": self.fsdp,
-                 "expert_shards": self.expert_shards}
+        extra = {"data_position": {"step": step, "batch_size": self.cfg.data.batch_size, "seed": self.cfg.data.seed}}
         files = {"config.json": config_json(self.model.config)}
-        keep = self.cfg.train.keep_checkpoints
-        if self.sharded:
-            return save_sharded_checkpoint(self.workdir, step, self.model, self.optimizer, extra, keep, files)
-        path = checkpoint_dir(self.workdir, step)
-        if self.rank == 0:
-            save_checkpoint(self.workdir, step, self.model.state_dict(), self.optimizer.state_dict(), extra,
-                            keep, files)
-        self._barrier()
-        return path
+        return self.mode.save(self.workdir, step, self.model, self.optimizer, extra,
+                              self.cfg.train.keep_checkpoints, files)
 
     def _warn_split_groups(self) -> None:
         """Routing groups are cut per process (and micro-batch): when a rank's
@@ -262,15 +239,12 @@ class Trainer:
                 "from one process on the whole batch. Make data.batch_size / (world size x "
                 "train.grad_accum) a multiple of the images per group.")
 
-    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
-        self._stop_signal = signum
-
     # ---------------------------------------------------------------- fit
     def fit(self) -> dict[str, Any]:
         """Trains to `train.steps`, resuming from the work dir's newest
         readable checkpoint; one run per work dir (rank 0 holds its lock)."""
         lock = WorkdirLock(self.workdir)
-        if self.rank == 0:
+        if self.mode.lead:
             lock.acquire()
             for path in remove_orphan_temporaries(self.workdir):
                 warnings.warn(f"Removed {path!r}, left by a killed write.")
@@ -285,91 +259,57 @@ class Trainer:
         return self._finish(start, step, status)
 
     def _loop(self, start: int) -> tuple[int, str]:
-        """Steps start..train.steps-1 with logging, evaluation, checkpoints and
-        signal handling; returns (last step run, status)."""
+        """Steps start..train.steps-1, the hooks after each; returns (last
+        step run, status)."""
         cfg = self.cfg
         total = cfg.train.steps
-        lead = self.rank == 0
-        logger = MetricsLogger(self.workdir, resume_step=start) if lead else None
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         mixup = None
         if cfg.data.mixup_alpha > 0:
-            from torchvision.transforms import v2
+            from torchvision.transforms import v2  # torchvision.transforms.v2 costs start-up
             mixup = v2.MixUp(alpha=cfg.data.mixup_alpha, num_classes=self.train_ds.num_classes)
         loader = step_batches(self.train_ds, cfg.data.batch_size, cfg.data.seed, start, total,
                               cfg.data.num_workers, self.rank, self.world)
-        bar = None
-        if cfg.train.progress and lead:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=total, initial=start, desc=os.path.basename(self.workdir.rstrip("/")),
-                       dynamic_ncols=True)
         self.model.train()
-        step, t_last, n_since, status = start, time.perf_counter(), 0, "completed"
+        step = start
         try:
+            for hook in self.hooks:
+                hook.start(self, start)
             for step, (images, labels) in zip(range(start, total), loader):
                 done = step + 1
                 log_now = done % cfg.train.log_every == 0 or done == total
                 record = self._train_step(step, images, labels, mixup, log_now)
-                n_since += len(labels) * self.world
-                if log_now:
-                    now = time.perf_counter()
-                    record["images_per_s"] = n_since / max(now - t_last, 1e-9)
-                    t_last, n_since = now, 0
-                    if logger is not None:
-                        logger.log(record)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                        img_s=f"{record['images_per_s']:.0f}")
-                if bar is not None:
-                    bar.update(1)
-                if (cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total
-                        and self.world == 1 and logger is not None):
-                    logger.log({"step": done, **{f"eval/{k}": v for k, v in self.evaluate().items()}})
-                    self.model.train()
-                if self.world > 1:  # every rank must agree to stop
-                    flag = torch.tensor([0 if self._stop_signal is None else int(self._stop_signal)],
-                                        device=comm_device())
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    self._stop_signal = int(flag) or None
-                if self._stop_signal is not None:
-                    self._save(done)
-                    status = f"stopped by signal {self._stop_signal} after step {done}"
-                    break
-                if done % cfg.train.checkpoint_every == 0 or done == total:
-                    self._save(done)
-            else:
-                if start < total:
-                    step = total - 1
+                for hook in self.hooks:
+                    hook.after_step(self, done, record)
+                if self.stop_reason is not None:
+                    return step, self.stop_reason
+            if start < total:
+                step = total - 1
+            return step, "completed"
         finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            if bar is not None:
-                bar.close()
-            if logger is not None:
-                logger.close()
-        return step, status
+            for hook in self.hooks:
+                hook.end(self)
 
     def _finish(self, start: int, step: int, status: str) -> dict[str, Any]:
         """The summary; after a completed run, the final evaluation (eval.json)
         and the exported model (final/)."""
         total = self.cfg.train.steps
         summary: dict[str, Any] = {"status": status, "steps": step + 1 if start < total else total}
-        if self._stop_signal is not None:
-            summary["signal"] = int(self._stop_signal)
+        if self.stop_signal is not None:
+            summary["signal"] = int(self.stop_signal)
             return summary
-        if self.sharded:  # the final checkpoint streams to final/, which rank 0 evaluates
-            if self.rank == 0:
+        if self.mode.sharded:  # the final checkpoint streams to final/, which rank 0 evaluates
+            if self.mode.lead:
                 path = latest_checkpoint(self.workdir)
                 assert path is not None, "a completed run has saved its last step"
                 consolidate_checkpoint(path, os.path.join(self.workdir, "final"), overwrite=True)
                 self.model = VisionTransformerMoe.from_pretrained(os.path.join(self.workdir, "final")).to(self.device)
-        if self.rank == 0:
+        if self.mode.lead:
             final = self.evaluate()
             summary["eval"] = final
             atomic_write_json(os.path.join(self.workdir, "eval.json"), final)
-            if not self.sharded:
+            if not self.mode.sharded:
                 self.model.save_pretrained(os.path.join(self.workdir, "final"), overwrite=True)
-        self._barrier()
+        self.mode.barrier()
         return summary
 
     def _train_step(self, step: int, images: torch.Tensor, labels: torch.Tensor, mixup,
@@ -404,29 +344,17 @@ class Trainer:
             for key, value in metrics.items() if collect_routing else ():
                 if "/" in key and key.split("/")[1] in _ROUTING_LOG:
                     routing.setdefault(key, []).append(value.detach().float().mean(0))
-        if self.fsdp:  # FSDP has averaged the non-expert gradients in the backward
-            fsdp.sync_expert_gradients(self.model)
-            grad_norm = fsdp.clip_grad_norm_fsdp(self.model, cfg.optim.grad_clip_norm)
-        elif self.world > 1:
-            sync_gradients(self.model)
-            grad_norm = clip_grad_norm_distributed(self.model, cfg.optim.grad_clip_norm)
-        else:
-            grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip_norm)
+        grad_norm = self.mode.clip_gradients(self.model, cfg.optim.grad_clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not collect_routing:  # not a logged step: nothing is read back from the device
             return {"step": step + 1}
-        if self.world > 1:
-            dist.all_reduce(totals)
-            totals = totals / self.world
+        totals = self.mode.mean(totals)
         task_total, aux_total = totals.tolist()
         record: dict[str, Any] = {"step": step + 1, "loss": task_total + aux_total, "task_loss": task_total,
                                   "auxiliary_loss": aux_total, "lr": lr, "grad_norm": float(grad_norm)}
         for key, values in routing.items():  # per-layer means over groups (and micro-batches)
-            mean = torch.stack(values).mean(0)
-            if self.world > 1:  # and over ranks: every rank's groups, not rank 0's alone
-                dist.all_reduce(mean)
-                mean = mean / self.world
+            mean = self.mode.mean(torch.stack(values).mean(0))  # and over ranks: every rank's groups
             record[key] = mean.tolist() if mean.dim() else float(mean)
         return record
 

@@ -1,0 +1,144 @@
+"""Periodic work around the training loop, as hooks (the reference trainer's
+pattern): the loop runs steps; logging, progress, evaluation, signals and
+checkpoints each live in one hook.
+
+A hook sees the trainer and, after every step, `done` (steps completed) and
+the step's record (losses and routing metrics on logged steps, else just
+the step). Hooks run in order; a hook may ask the loop to stop
+(`trainer.request_stop`), and the checkpoint hook, which runs last, then
+saves the step.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from .logger import MetricsLogger
+
+if TYPE_CHECKING:  # the trainer builds the hooks; this only names its type
+    from .trainer import Trainer
+
+
+class Hook:
+    """No-op base: override what you need."""
+
+    def start(self, trainer: "Trainer", start: int) -> None:
+        """Before the first step (`start` is the step resumed from)."""
+
+    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+        """After step `done` - 1 has updated the weights."""
+
+    def end(self, trainer: "Trainer") -> None:
+        """After the loop, also when it raised."""
+
+
+class LogMetrics(Hook):
+    """metrics.jsonl (and TensorBoard) on logged steps, with throughput."""
+
+    def __init__(self) -> None:
+        self.logger: Optional[MetricsLogger] = None
+        self.t_last, self.images = 0.0, 0
+
+    def start(self, trainer: "Trainer", start: int) -> None:
+        if trainer.mode.lead:
+            self.logger = MetricsLogger(trainer.workdir, resume_step=start)
+        self.t_last, self.images = time.perf_counter(), 0
+
+    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+        self.images += trainer.cfg.data.batch_size
+        if "loss" not in record:
+            return
+        now = time.perf_counter()
+        record["images_per_s"] = self.images / max(now - self.t_last, 1e-9)
+        self.t_last, self.images = now, 0
+        if self.logger is not None:
+            self.logger.log(record)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.logger is not None:
+            self.logger.log(record)
+
+    def end(self, trainer: "Trainer") -> None:
+        if self.logger is not None:
+            self.logger.close()
+
+
+class Progress(Hook):
+    """A tqdm bar on the lead rank (train.progress)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def start(self, trainer: "Trainer", start: int) -> None:
+        if trainer.cfg.train.progress and trainer.mode.lead:
+            from tqdm.auto import tqdm  # imported when used: tqdm.auto probes for notebooks
+            self.bar = tqdm(total=trainer.cfg.train.steps, initial=start,
+                            desc=os.path.basename(trainer.workdir.rstrip("/")), dynamic_ncols=True)
+
+    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        if "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['images_per_s']:.0f}")
+        self.bar.update(1)
+
+    def end(self, trainer: "Trainer") -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Evaluate(Hook):
+    """Test accuracy every train.eval_every steps (one process; the final
+    evaluation runs after the loop)."""
+
+    def __init__(self, log: LogMetrics) -> None:
+        self.log = log
+
+    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+        every = trainer.cfg.train.eval_every
+        if not every or done % every or done == trainer.cfg.train.steps or trainer.mode.world > 1:
+            return
+        self.log.log({"step": done, **{f"eval/{k}": v for k, v in trainer.evaluate().items()}})
+        trainer.model.train()
+
+
+class StopOnSignal(Hook):
+    """SIGTERM / SIGINT stop the run after the current step, on every rank
+    (the ranks agree), and the step is checkpointed."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        self.previous: dict[int, Any] = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self.signal = signum
+
+    def start(self, trainer: "Trainer", start: int) -> None:
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+        self.signal = trainer.mode.agree_max(self.signal or 0) or None
+        if self.signal is not None:
+            trainer.request_stop(f"stopped by signal {self.signal} after step {done}", self.signal)
+
+    def end(self, trainer: "Trainer") -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Checkpoint(Hook):
+    """A checkpoint every train.checkpoint_every steps, at the last step, and
+    at a requested stop."""
+
+    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+        every, total = trainer.cfg.train.checkpoint_every, trainer.cfg.train.steps
+        if trainer.stop_reason is not None or done % every == 0 or done == total:
+            trainer.save(done)
+
+
+def default_hooks() -> list[Hook]:
+    log = LogMetrics()
+    return [log, Progress(), Evaluate(log), StopOnSignal(), Checkpoint()]
