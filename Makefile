@@ -7,7 +7,16 @@ STAMP := $(VENV)/.installed
 
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test bench upcycle-experiment clean
+# Test workers (pytest-xdist). Two keep a 2-core machine busy: much of the
+# suite is process start-up, compilation and gloo waits.
+JOBS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(JOBS)
+# The tests whose tolerances are claims about floating point, re-run on
+# ATen's portable kernels so that a tolerance fitted to one CPU's kernels
+# (AVX-512, AMX) fails here first.
+NUMERICS := ATEN_CPU_CAPABILITY=default $(PYTEST) -m numerics tests
+
+.PHONY: install demo test test-fast test-numerics test-gpu bench upcycle-experiment clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +31,25 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m vmoe_torch.cli.main demo --workdir $(DEMO_DIR)
 
+# The whole suite, as CI runs it: lint, types, every test, then the
+# numerically sensitive ones again on the portable kernels.
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy src
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
+	$(NUMERICS)
+
+# The edit loop: everything but the slow, distributed and reliability groups (< 90 s).
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow and not distributed and not reliability" tests
+
+test-numerics: $(STAMP)
+	$(NUMERICS)
+
+# On a machine with a CUDA device: the GPU checks and the GPU benchmark.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests/gpu
+	$(PY) benchmarks/gpu_moe.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py

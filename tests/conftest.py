@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,10 @@ ROUTING = FIXTURES / "routing"
 MODELS = FIXTURES / "models"
 MODEL_CASES = sorted(p.name for p in MODELS.iterdir() if (p / "ckpt.index").exists())  # native checkpoints
 
-torch.set_num_threads(2)
+# Two threads per test process; with several pytest-xdist workers, the cores
+# are shared between them instead of oversubscribed.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // _WORKERS)))
 
 
 def load_json(path: Path):

@@ -1,6 +1,8 @@
 """vmoe-torch: V-MoE (Riquelme et al. 2021, arXiv 2106.05974) in PyTorch."""
 from typing import Any, Optional
 
+import wrapt
+
 from .models import ModelConfig, MoeConfig, VisionTransformerMoe, create_model, list_models
 from .models.aux_loss import WithAuxiliaryLoss
 from .moe import MoeMlp, RoutingConfig
@@ -9,13 +11,11 @@ __version__ = "0.1.0"
 
 
 def _register_with_timm() -> None:
-    """Our architectures join timm's registry when timm is installed
-    (`timm.create_model("vmoe_s32_last2_e8_k2", ...)`)."""
-    import importlib.util
-    if importlib.util.find_spec("timm") is None:
-        return
-    from .integrations.timm import register
-    register()
+    """Our architectures join timm's registry (`timm.create_model(
+    "vmoe_s32_last2_e8_k2", ...)`) when timm is imported, before or after
+    vmoe_torch: a post-import hook, so that `import vmoe_torch` does not
+    import timm (about a second) for users who do not use it."""
+    wrapt.register_post_import_hook("vmoe_torch.integrations.timm:register_on_import", "timm")
 
 
 _register_with_timm()

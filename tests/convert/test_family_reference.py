@@ -14,6 +14,8 @@ from vmoe_torch.models import ensemble_log_probs
 from vmoe_torch.moe import routing_to_dense, top_experts_per_item
 from vmoe_torch.moe.soft import l2_normalize, soft_router_logits, soft_weights
 
+pytestmark = pytest.mark.numerics  # tolerances derived from floating point (make test-numerics)
+
 SOFT_CASES = ["g_soft_moe_e4_gap", "h_soft_moe_e8_slots2_token"]
 E3_CASE = "i_eee_ensemble_e4_m2_k2"
 

@@ -9,6 +9,8 @@ from conftest import MODEL_CASES, MODELS, npz
 
 from vmoe_torch.convert import load_reference_config, model_from_reference
 
+pytestmark = pytest.mark.numerics  # tolerances derived from floating point (make test-numerics)
+
 
 def _load(case):
     d = MODELS / case

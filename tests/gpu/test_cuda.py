@@ -17,7 +17,12 @@ import torch
 from vmoe_torch.moe import MoeMlp
 
 ROOT = Path(__file__).resolve().parents[2]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda(test):
+    """A GPU check: marked `gpu` (make test-gpu collects these) and skipped without CUDA."""
+    return pytest.mark.gpu(_needs_cuda(test))
 
 
 def _layer(**routing) -> MoeMlp:
@@ -73,6 +78,7 @@ def test_gpu_benchmark_script_runs_at_tiny_shapes_on_the_cpu():
     assert "| tiny | 4 | 2 |" in out and "| vmoe_mi4_every2_e8_k2 | 8 | 32 |" in out
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_nccl_fsdp_expert_parallel_training_equals_one_process(tmp_path):
     """`vmoe train --fsdp --expert-parallel` on 2 GPUs (NCCL, one GPU per

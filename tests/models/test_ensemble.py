@@ -10,6 +10,8 @@ import torch
 from vmoe_torch import VisionTransformerMoe, create_model
 from vmoe_torch.models import ensemble_log_probs, extract_member
 
+pytestmark = pytest.mark.numerics  # tolerances derived from floating point (make test-numerics)
+
 
 def _e3(ensemble_size=2, experts=4, k=2, bpr=True, cf=0.75, images_per_group=2, **kw):
     torch.manual_seed(0)

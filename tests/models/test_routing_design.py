@@ -105,6 +105,7 @@ def test_moe_dropout_rate_is_its_own():
     assert model.blocks[0].mlp.experts.mlp_dim == 96 and model.config.mlp_dim != 96
 
 
+@pytest.mark.numerics
 def test_qk_norm_matches_a_float64_recomputation():
     torch.manual_seed(0)
     cfg = dataclasses.replace(create_model("ViT-Mi/4", num_classes=3, image_size=16).config,

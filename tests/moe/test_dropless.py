@@ -14,6 +14,8 @@ from vmoe_torch import create_model
 from vmoe_torch.moe import MoeMlp
 from vmoe_torch.moe import experts as experts_module
 
+pytestmark = pytest.mark.numerics  # tolerances derived from floating point (make test-numerics)
+
 
 def _pair(e: int, k: int, group: int, members: int = 1, seed: int = 0) -> tuple[MoeMlp, MoeMlp]:
     """The same layer twice: with a capacity no group can overflow (C = S), and dropless."""

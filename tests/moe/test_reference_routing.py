@@ -21,6 +21,8 @@ from vmoe_torch.moe import (
 )
 from vmoe_torch.moe.layer import MoeMlp
 
+pytestmark = pytest.mark.numerics  # tolerances derived from floating point (make test-numerics)
+
 TOP_EXPERTS = load_json(ROUTING / "top_experts_manifest.json")["cases"]
 TOP_ITEMS = load_json(ROUTING / "top_items_manifest.json")["cases"]
 CAPACITY_ROWS = load_json(ROUTING / "compute_capacity.json")["rows"]

@@ -11,6 +11,8 @@ from vmoe_torch import MoeMlp
 from vmoe_torch.moe import RoutingConfig, SoftDispatcher, soft_num_slots
 from vmoe_torch.moe.soft import l2_normalize, soft_router_logits, soft_weights
 
+pytestmark = pytest.mark.numerics  # tolerances derived from floating point (make test-numerics)
+
 COMMON = settings(max_examples=60, deadline=None)
 
 

@@ -45,7 +45,7 @@ def install(where: str, at_step: int, rank: int) -> None:
 
         trainer_module.Trainer._train_step = train_step
     elif where == "shard":
-        save = checkpoint_module.dcp.save
+        save = checkpoint_module.sharded.save
 
         def torn_save(path, state):
             if tag in path and _rank() == rank and _first_attempt():
@@ -54,7 +54,7 @@ def install(where: str, at_step: int, rank: int) -> None:
                 _kill()
             return save(path, state)
 
-        checkpoint_module.dcp.save = torn_save  # type: ignore[assignment]
+        checkpoint_module.sharded.save = torn_save  # type: ignore[assignment]
     elif where == "commit":
         commit = checkpoint_module.commit_directory
 

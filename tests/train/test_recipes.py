@@ -42,6 +42,7 @@ def _first_step_gradients(cfg, workdir) -> dict[str, torch.Tensor]:
     return grads
 
 
+@pytest.mark.numerics
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     """With routing groups inside each micro-batch unchanged (group = 2 images,
     micro-batch = 8 images), the gradient of 2 accumulated micro-batches of 8

@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 
 from vmoe_torch.upcycling import SourceError, dense_model, read_dense
 
+pytestmark = pytest.mark.numerics  # tolerances derived from floating point (make test-numerics)
+
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 torchvision = pytest.importorskip("torchvision")

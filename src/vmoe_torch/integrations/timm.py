@@ -131,4 +131,9 @@ def register() -> list[str]:
     return sorted(_registered)
 
 
-__all__ = ["register", "timm_names", "default_cfgs"]
+def register_on_import(timm_module: Any) -> None:  # noqa: ARG001 - wrapt's post-import hook signature
+    """Called once timm is imported (`vmoe_torch.__init__`)."""
+    register()
+
+
+__all__ = ["register", "register_on_import", "timm_names", "default_cfgs"]

@@ -20,13 +20,10 @@ import json
 import os
 import struct
 import warnings
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..utils.io import atomic_directory
 from ..utils.state import state_mismatch
@@ -40,8 +37,14 @@ def specs_of(state: Mapping[str, torch.Tensor]) -> dict[str, Spec]:
     return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
 
 
+# torch.distributed.checkpoint is imported where used: it costs ~0.5 s of
+# start-up, and loading a from_pretrained model never needs it.
+
+
 def read_specs(path: str) -> dict[str, Spec]:
     """The tensors a DCP checkpoint holds: {key: (global shape, dtype)}."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     metadata = dcp.FileSystemReader(path).read_metadata()
     return {k: (tuple(m.size), m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
             if isinstance(m, TensorStorageMetadata)}
@@ -50,6 +53,7 @@ def read_specs(path: str) -> dict[str, Spec]:
 def save(path: str, state: dict[str, torch.Tensor]) -> None:
     """Every rank writes its shards into directory `path` (a collective call
     under a process group); DCP's coordinator writes `.metadata` last."""
+    import torch.distributed.checkpoint as dcp
     no_dist = not (dist.is_available() and dist.is_initialized())
     with warnings.catch_warnings():  # DCP warns that one process is one process
         warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
@@ -65,6 +69,8 @@ def load(path: str, state: dict[str, torch.Tensor], collective: Optional[bool] =
     shards). `collective=False` reads alone even inside a process group.
     A file any rank cannot read raises UnreadableCheckpoint on every rank
     (DCP's CheckpointException is a BaseException; it is converted here)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     no_dist = not (dist.is_available() and dist.is_initialized()) if collective is None else not collective
     try:
         with warnings.catch_warnings():
@@ -74,7 +80,8 @@ def load(path: str, state: dict[str, torch.Tensor], collective: Optional[bool] =
         raise UnreadableCheckpoint(f"{path!r}: {_first_lines(e)}") from e
 
 
-def _first_lines(e: CheckpointException) -> str:
+def _first_lines(e: Any) -> str:
+    """The first line of each rank's failure in DCP's CheckpointException."""
     errors = {r: err[0] if isinstance(err, tuple) else err for r, err in (e.failures or {}).items()}
     return "; ".join(f"rank {r}: {type(err).__name__}: {err}" for r, err in sorted(errors.items())) or str(e)
 

@@ -13,24 +13,43 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
+from torch import nn
+
+from ..config.experiment import ExperimentConfig
 from .logger import MetricsLogger
+from .parallel import ParallelMode
 
-if TYPE_CHECKING:  # the trainer builds the hooks; this only names its type
-    from .trainer import Trainer
+
+class TrainerView(Protocol):
+    """What hooks see of the trainer (`vmoe_torch.train.trainer.Trainer`)."""
+
+    cfg: ExperimentConfig
+    workdir: str
+    mode: ParallelMode
+    stop_reason: Optional[str]
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def request_stop(self, reason: str, signum: Optional[int] = None) -> None: ...
+
+    def save(self, step: int) -> str: ...
 
 
 class Hook:
     """No-op base: override what you need."""
 
-    def start(self, trainer: "Trainer", start: int) -> None:
+    def start(self, trainer: TrainerView, start: int) -> None:
         """Before the first step (`start` is the step resumed from)."""
 
-    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+    def after_step(self, trainer: TrainerView, done: int, record: dict[str, Any]) -> None:
         """After step `done` - 1 has updated the weights."""
 
-    def end(self, trainer: "Trainer") -> None:
+    def end(self, trainer: TrainerView) -> None:
         """After the loop, also when it raised."""
 
 
@@ -41,12 +60,12 @@ class LogMetrics(Hook):
         self.logger: Optional[MetricsLogger] = None
         self.t_last, self.images = 0.0, 0
 
-    def start(self, trainer: "Trainer", start: int) -> None:
+    def start(self, trainer: TrainerView, start: int) -> None:
         if trainer.mode.lead:
             self.logger = MetricsLogger(trainer.workdir, resume_step=start)
         self.t_last, self.images = time.perf_counter(), 0
 
-    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+    def after_step(self, trainer: TrainerView, done: int, record: dict[str, Any]) -> None:
         self.images += trainer.cfg.data.batch_size
         if "loss" not in record:
             return
@@ -60,7 +79,7 @@ class LogMetrics(Hook):
         if self.logger is not None:
             self.logger.log(record)
 
-    def end(self, trainer: "Trainer") -> None:
+    def end(self, trainer: TrainerView) -> None:
         if self.logger is not None:
             self.logger.close()
 
@@ -71,13 +90,13 @@ class Progress(Hook):
     def __init__(self) -> None:
         self.bar: Any = None
 
-    def start(self, trainer: "Trainer", start: int) -> None:
+    def start(self, trainer: TrainerView, start: int) -> None:
         if trainer.cfg.train.progress and trainer.mode.lead:
             from tqdm.auto import tqdm  # imported when used: tqdm.auto probes for notebooks
             self.bar = tqdm(total=trainer.cfg.train.steps, initial=start,
                             desc=os.path.basename(trainer.workdir.rstrip("/")), dynamic_ncols=True)
 
-    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+    def after_step(self, trainer: TrainerView, done: int, record: dict[str, Any]) -> None:
         if self.bar is None:
             return
         if "loss" in record:
@@ -85,7 +104,7 @@ class Progress(Hook):
                                  img_s=f"{record['images_per_s']:.0f}")
         self.bar.update(1)
 
-    def end(self, trainer: "Trainer") -> None:
+    def end(self, trainer: TrainerView) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -97,7 +116,7 @@ class Evaluate(Hook):
     def __init__(self, log: LogMetrics) -> None:
         self.log = log
 
-    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+    def after_step(self, trainer: TrainerView, done: int, record: dict[str, Any]) -> None:
         every = trainer.cfg.train.eval_every
         if not every or done % every or done == trainer.cfg.train.steps or trainer.mode.world > 1:
             return
@@ -116,15 +135,15 @@ class StopOnSignal(Hook):
     def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         self.signal = signum
 
-    def start(self, trainer: "Trainer", start: int) -> None:
+    def start(self, trainer: TrainerView, start: int) -> None:
         self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+    def after_step(self, trainer: TrainerView, done: int, record: dict[str, Any]) -> None:
         self.signal = trainer.mode.agree_max(self.signal or 0) or None
         if self.signal is not None:
             trainer.request_stop(f"stopped by signal {self.signal} after step {done}", self.signal)
 
-    def end(self, trainer: "Trainer") -> None:
+    def end(self, trainer: TrainerView) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
@@ -133,7 +152,7 @@ class Checkpoint(Hook):
     """A checkpoint every train.checkpoint_every steps, at the last step, and
     at a requested stop."""
 
-    def after_step(self, trainer: "Trainer", done: int, record: dict[str, Any]) -> None:
+    def after_step(self, trainer: TrainerView, done: int, record: dict[str, Any]) -> None:
         every, total = trainer.cfg.train.checkpoint_every, trainer.cfg.train.steps
         if trainer.stop_reason is not None or done % every == 0 or done == total:
             trainer.save(done)

@@ -1,4 +1,4 @@
-"""The package map of docs/architecture.md, enforced: every import of one
+"""The structure of docs/architecture.md, enforced. Every import of one
 project module by another, at module level or inside a function, points
 down the layers below, and no set of modules imports itself in a loop.
 
@@ -139,3 +139,19 @@ def test_the_checker_reads_imports_inside_functions(tmp_path):
     fake.write_text("def f():\n    from ..storage import pretrained\n    from . import vit_moe\n")
     assert [t for t, _ in _imports("vmoe_torch.models.fake", fake)] == [
         "vmoe_torch.storage.pretrained", "vmoe_torch.models.vit_moe"]
+
+
+def test_functions_and_files_stay_small():
+    """STYLE: files of one job (under ~500 lines), functions under 80 lines."""
+    long_functions, long_files = [], []
+    for name, path in MODULES.items():
+        text = path.read_text()
+        if text.count("\n") > 500:
+            long_files.append(f"{path.relative_to(SRC)} ({text.count(chr(10))} lines)")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long_functions.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long_functions, "split these functions: " + ", ".join(long_functions)
+    assert not long_files, "split these files: " + ", ".join(long_files)
