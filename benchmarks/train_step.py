@@ -62,7 +62,7 @@ def compile_rows(args: argparse.Namespace, demo: dict) -> None:
     print("| model | batch | px | eager images/s | compiled images/s | compiled / eager | first compiled step (s) |")
     print("|---|---|---|---|---|---|---|")
     cases = [("demo V-MoE-Mi/8 Every 1, E=8 K=2", demo["moe"].model.name, demo["moe"].data.batch_size,
-              demo["moe"].data.image_size, demo["moe"].model.overrides)]
+              demo["moe"].data.image_size, demo["moe"].model.create_kwargs())]
     if not args.skip_s32:
         cases.append(("V-MoE-S/32, E=8, K=2, Last 2", "vmoe_s32_last2_e8_k2", 32, 224, {}))
     for label, name, batch, px, kw in cases:
@@ -97,11 +97,11 @@ def main() -> None:
     for bf16 in ([False] if args.skip_bf16 else [False, True]):
         prec = "bf16 autocast" if bf16 else "fp32"
         dense = images_per_s(demo["dense"].model.name, batch, px, bf16, args.steps, args.warmup,
-                             **demo["dense"].model.overrides)
+                             **demo["dense"].model.create_kwargs())
         print(f"| demo dense ViT-Mi/8 | {batch} | {px} | {prec} | {dense:.1f} | 1.00 |", flush=True)
         for name, label in labels.items():
             ips = images_per_s(demo[name].model.name, batch, px, bf16, args.steps, args.warmup,
-                               **demo[name].model.overrides)
+                               **demo[name].model.create_kwargs())
             print(f"| {label} | {batch} | {px} | {prec} | {ips:.1f} | {ips / dense:.2f} |", flush=True)
     if args.skip_s32:
         return

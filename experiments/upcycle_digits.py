@@ -57,9 +57,9 @@ def main() -> None:
     init = os.path.join(args.out, "dense_pre", "final")
     cont = seed + [f"train.steps={args.extra}", f"finetune.init={init}", "finetune.new_head=false",
                    "optim.lr=0.001"]
-    # finetune.init takes the architecture from the checkpoint: no model overrides.
+    # finetune.init takes the architecture from the checkpoint: no model changes.
     dense_eval, dense_s = _run("demo_dense.yaml", os.path.join(args.out, "dense"),
-                               cont + ["model.overrides={}"])
+                               cont + ["model={}"])
     start = time.perf_counter()
     model = upcycle(init, "ViT-Mi/8, E=8, K=2, Every 1", source_format="vmoe_torch", group_size=800,
                     bfloat16_dispatch=False, importance_loss_weight=0.005, load_loss_weight=0.005)
@@ -71,7 +71,7 @@ def main() -> None:
     same_time = max(args.extra, round(args.extra * up_s / dense_s))
     long_cont = [c for c in cont if not c.startswith("train.steps=")] + [f"train.steps={same_time}"]
     long_eval, long_s = _run("demo_dense.yaml", os.path.join(args.out, "dense_equal_time"),
-                             long_cont + ["model.overrides={}"])
+                             long_cont + ["model={}"])
     rows = [("dense, pre-trained", args.pre, pre_eval, pre_s),
             (f"dense, + {args.extra} steps", args.pre + args.extra, dense_eval, dense_s),
             (f"upcycled V-MoE (E=8, K=2, every block), + {args.extra} steps", args.pre + args.extra,

@@ -6,11 +6,12 @@ import json
 import os
 import sys
 
-TINY_MODEL = ("model.overrides={num_layers: 2, layers: [0, 1], patch_size: 8, group_size: 34, "
-              "num_experts: 4}")
-TINY = [TINY_MODEL, "data.train_renders=1", "data.test_renders=1", "data.batch_size=16",
+TINY = ["model.num_layers=2", "model.patch_size=8", "model.moe={layers: [0, 1], group_size: 34, num_experts: 4}",
+        "data.train_renders=1", "data.test_renders=1", "data.batch_size=16",
         "data.eval_batch_size=32", "train.steps=8", "train.log_every=1", "train.checkpoint_every=4",
         "train.threads=1", "train.progress=false", "schedule.warmup_steps=2", "optim.lr=0.003"]
+# The same run without the model settings: fine-tuning takes the architecture from its checkpoint.
+TINY_RUN = [s for s in TINY if not s.startswith("model.")]
 
 
 def train_cmd(workdir, steps: int, checkpoint_every: int, keep: int = 2, extra=()) -> list[str]:

@@ -44,10 +44,11 @@ def batch_multiple(model: VisionTransformerMoe, image_size: Optional[tuple[int, 
       ValueError: when the model routes the whole batch as one group
         (`group_size=None`): its capacity depends on the batch size.
     """
-    cfg = model._config
+    cfg = model.config
     if cfg.moe is None:
         return 1
-    if cfg.moe.group_size is None:
+    group = model.group_size  # as the layers run now
+    if group is None:
         raise ValueError("This model routes the whole batch as one group (moe.group_size=None), so "
                          "its capacity depends on the batch size and the batch cannot be dynamic. "
                          "Set moe.group_size (e.g. create_model(..., group_size=...)), or export "
@@ -55,7 +56,6 @@ def batch_multiple(model: VisionTransformerMoe, image_size: Optional[tuple[int, 
     height, width = image_size or cfg.image_size
     grid = model.patch_embed.grid(height, width)
     tokens_per_image = (grid[0] * grid[1] + model.num_prefix_tokens) * model.ensemble_size
-    group = cfg.moe.group_size
     return group // math.gcd(group, tokens_per_image)
 
 

@@ -23,7 +23,7 @@ CASES = {
 
 def _model(name: str, routing: dict, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    layers = {} if name.startswith("vit") else {"layers": (1, 3)}
+    layers = {} if name.startswith("vmoe_dense") else {"layers": (1, 3)}
     model = create_model(name, num_layers=4, **layers, **routing).eval()
     assert model.head is not None
     torch.nn.init.normal_(model.head.weight, std=0.1)  # the zero-initialised head would hide differences

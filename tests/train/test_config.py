@@ -11,10 +11,10 @@ from vmoe_torch.config import load_config
 def test_yaml_and_dotted_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("optim:\n  lr: 0.01\ntrain:\n  steps: 5\n")
-    cfg = load_config(str(p), ["optim.lr=1e-3", "model.overrides.num_experts=4", "eval.grid_capacity_factors=[0.5,1]"])
+    cfg = load_config(str(p), ["optim.lr=1e-3", "model.moe.num_experts=4", "eval.grid_capacity_factors=[0.5,1]"])
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
     assert cfg.train.steps == 5
-    assert cfg.model.overrides == {"num_experts": 4}
+    assert cfg.model.changes == {"moe": {"num_experts": 4}}
     assert cfg.eval.grid_capacity_factors == (0.5, 1.0)
 
 
@@ -36,15 +36,15 @@ def test_bad_configs_are_rejected(override, match):
 def test_every_config_file_loads():
     import pathlib
 
-    from vmoe_torch.models import resolve_config
     files = sorted(pathlib.Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
     assert len(files) >= 9
     for f in files:
         cfg = load_config(str(f), ["data.path=/data"])
         text = f.read_text()
         assert "Command:" in text and "Expected:" in text, f.name
-        model_cfg = resolve_config(cfg.model.name, image_size=cfg.data.image_size, **cfg.model.overrides)
-        assert model_cfg.image_size == (cfg.data.image_size,) * 2
+        if cfg.finetune.init is None:
+            model_cfg = cfg.model.resolve(image_size=cfg.data.image_size)
+            assert model_cfg.image_size == (cfg.data.image_size,) * 2
 
 
 @pytest.mark.parametrize("override,match", [
@@ -55,9 +55,14 @@ def test_every_config_file_loads():
     ("optim.name=adamm", "optim.name: 'adamm' is not one of"),
     ("train.steps=1.5", "train.steps: expected int"),
     ("train.bf16=1", "train.bf16: expected bool"),
-    ("model.overrides.capacity_factor=.inf", "capacity_factor must be a finite"),
-    ("model.overrides.dispatch=foo", "Unknown override"),
-    ("model.overrides.router=sparse", "Unknown router"),
+    ("model.moe.routing.capacity_factor=.inf", "capacity_factor must be a finite"),
+    ("model.moe.routing.dispatch=foo", "model.moe.routing.dispatch is not a RoutingConfig field"),
+    ("model.moe.routing.router=sparse", "Unknown router"),
+    ("model.group_size=8", "it belongs at model.moe.group_size"),
+    ("model.capacity_factor=2", "it belongs at model.moe.routing.capacity_factor"),
+    ("model.moe.capacity_factor=2", "it belongs at model.moe.routing.capacity_factor"),
+    ("model.patch_size=[8, 8, 8]", "patch_size"),
+    ("model.moe.routing.batch_priority=maybe", "batch_priority"),
     ("model.name=ViT-Q/16", "Cannot parse model description"),
 ])
 def test_enumerated_and_typed_fields_are_checked_at_load(override, match):
@@ -66,11 +71,38 @@ def test_enumerated_and_typed_fields_are_checked_at_load(override, match):
         load_config(None, [override])
 
 
-def test_finetune_overrides_are_routing_changes_checked_at_load():
+def test_finetune_changes_are_routing_changes_checked_at_load():
     from vmoe_torch.config.typed import ConfigError
-    load_config(None, ["finetune.init=/somewhere", "model.overrides.capacity_factor=1.5"])
-    with pytest.raises(ConfigError, match="Unknown routing setting"):
-        load_config(None, ["finetune.init=/somewhere", "model.overrides.capacity_factr=1.5"])
+    cfg = load_config(None, ["finetune.init=/somewhere", "model.moe.routing.capacity_factor=1.5",
+                             "model.moe.group_size=64", "model.head_bias_init=-2.0"])
+    assert cfg.model.finetune_changes() == ({"capacity_factor": 1.5, "group_size": 64}, -2.0)
+    with pytest.raises(ConfigError, match="not a RoutingConfig field"):
+        load_config(None, ["finetune.init=/somewhere", "model.moe.routing.capacity_factr=1.5"])
+    with pytest.raises(ConfigError, match="takes the architecture from finetune.init.*model.patch_size"):
+        load_config(None, ["finetune.init=/somewhere", "model.patch_size=8"])
+
+
+def test_one_path_from_the_file_to_the_router(tmp_path):
+    """model.moe.routing.capacity_factor in a file is the router's setting,
+    and the work dir's config.yaml writes the section back in the same shape."""
+    import yaml
+
+    from vmoe_torch.config.experiment import config_to_dict
+    from vmoe_torch.models import VisionTransformerMoe
+    cfg = load_config(None, ["model.moe.routing.capacity_factor=2.0", "model.moe.group_size=130"])
+    model = VisionTransformerMoe(cfg.model.resolve(image_size=32, num_classes=10))
+    assert all(layer.router.config.capacity_factor == 2.0 and layer.group_size == 130
+               for layer in model.moe_layers().values())
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert load_config(str(path)).model == cfg.model
+
+
+def test_the_earlier_flat_overrides_still_load_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="model.overrides is replaced"):
+        old = load_config(None, ["model.overrides={patch_size: 8, group_size: 34, capacity_factor: 2.0}"])
+    new = load_config(None, ["model.patch_size=8", "model.moe.group_size=34", "model.moe.routing.capacity_factor=2.0"])
+    assert old.model == new.model and old.model.resolve(32, 10) == new.model.resolve(32, 10)
 
 
 # -------------------------------------------------------------------- fuzz

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY, TINY_RUN
 
 from vmoe_torch.config import load_config
 from vmoe_torch.data.pipeline import step_batches
@@ -55,7 +55,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     about sqrt(10^3) x 2^-24 ~ 2e-6 of the largest terms; 1e-5 of the
     largest gradient leaves a 5x margin, while a missing 1/accum (100%) or a
     changed routing group (~1e-2) is far above it."""
-    base = TINY + ["train.steps=2", "model.overrides.noise_std=0.0", "optim.grad_clip_norm=null"]  # unclipped
+    base = TINY + ["train.steps=2", "model.moe.routing.noise_std=0.0", "optim.grad_clip_norm=null"]  # unclipped
     one = _first_step_gradients(load_config(None, base), tmp_path / "a")
     accumulated = _first_step_gradients(load_config(None, base + ["train.grad_accum=2"]), tmp_path / "b")
     scale = max(float(g.abs().max()) for g in one.values())
@@ -65,10 +65,10 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_finetune_new_head_resolution_and_freezing(tmp_path, trained):
-    cfg = load_config(None, TINY + [
+    cfg = load_config(None, TINY_RUN + [
         "train.steps=2", f"finetune.init={trained.workdir}", "finetune.keep_representation=false",
         "finetune.freeze=[patch_embed, blocks.0]", "data.image_size=48",
-        "model.overrides={capacity_factor: 1.5}"])
+        "model.moe.routing.capacity_factor=1.5"])
     ft = Trainer(cfg, str(tmp_path / "ft"))
     start = {n: p.detach().clone() for n, p in ft.model.named_parameters()}
     assert ft.model.config.image_size == (48, 48)
@@ -88,7 +88,7 @@ def test_soft_moe_and_e3_recipes_train_evaluate_and_resume(tmp_path, config):
     quick = ["train.steps=3", "train.checkpoint_every=2", "data.train_renders=1", "data.test_renders=1",
              "data.batch_size=8", "data.eval_batch_size=64", "train.progress=false", "train.threads=1"]
     if config == "demo_eee.yaml":
-        quick.append("model.overrides.group_size=400")  # 8 images x 25 tokens x 2 members
+        quick.append("model.moe.group_size=400")  # 8 images x 25 tokens x 2 members
     trainer = Trainer(load_config(path, quick), str(tmp_path))
     summary = trainer.fit()
     assert summary["status"] == "completed"

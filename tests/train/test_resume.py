@@ -98,5 +98,5 @@ def test_bad_data_and_model_errors_before_training(tmp_path):
     with pytest.raises(ValueError, match="multiple of"):
         Trainer(load_config(None, TINY + ["data.image_size=36"]), str(tmp_path / "b"))
     with pytest.raises(ValueError, match="num_selected_experts"):
-        Trainer(load_config(None, TINY + ["model.overrides.num_selected_experts=9"]), str(tmp_path / "c"))
+        Trainer(load_config(None, TINY + ["model.moe.routing.num_selected_experts=9"]), str(tmp_path / "c"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

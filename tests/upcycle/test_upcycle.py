@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import TINY_RUN
 
 from vmoe_torch.upcycling import SourceError, dense_model, upcycle
 
@@ -157,7 +157,7 @@ def test_upcycled_model_trains_and_resumes_after_sigkill(tmp_path):
     src = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
                             num_classes=10)
     save_pretrained(upcycle(src, _target((0, 1), 4, 2 * 17)), str(tmp_path / "init"))
-    sets = TINY[1:] + ["train.steps=30", "train.checkpoint_every=10", "optim.lr=0.001", "model.overrides={}"]
+    sets = TINY_RUN + ["train.steps=30", "train.checkpoint_every=10", "optim.lr=0.001"]
     args = ["finetune", "--init", str(tmp_path / "init"), "--workdir"]
 
     def run(workdir, kill_after=None):

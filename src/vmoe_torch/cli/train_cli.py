@@ -10,7 +10,7 @@ from typing import Sequence
 from ..utils.io import atomic_write_json
 
 _CONFIG_HELP = "YAML experiment config (see configs/); omit for the defaults"
-_SET_HELP = "dotted override, repeatable: --set optim.lr=1e-3 --set model.overrides.num_experts=4"
+_SET_HELP = "dotted override, repeatable: --set optim.lr=1e-3 --set model.moe.num_experts=4"
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:

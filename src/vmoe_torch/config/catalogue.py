@@ -100,7 +100,7 @@ class UnknownOverrideError(TypeError, ValueError):
     like every other bad setting."""
 
 
-def _split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
     """Model / MoE / routing overrides. `moe={...}` and `routing={...}` name
     their section explicitly; a bare name is taken by the first section that
     has it, in that order (so `mlp_dim` is the model's, `moe={"mlp_dim": 256}`
@@ -159,7 +159,7 @@ def resolve_config(name: str, **overrides: Any) -> ModelConfig:
 
 def override_config(cfg: ModelConfig, name: str = "this model", **overrides: Any) -> ModelConfig:
     """`cfg` with overrides applied by `resolve_config`'s rules (validated)."""
-    model_kw, moe_kw, routing_kw = _split_overrides(overrides)
+    model_kw, moe_kw, routing_kw = split_overrides(overrides)
     for key in ("image_size", "patch_size"):
         if key in model_kw:
             model_kw[key] = as_pair(model_kw[key])

@@ -8,19 +8,48 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .catalogue import resolve_config
+from .model import ModelConfig
+from .model_section import DEFAULT_MODEL, create_kwargs, finetune_changes, model_section, resolve_model
 from .routing import RoutingConfig, check_group_size
 from .typed import ConfigError, from_dict, to_dict
 
 
 @dataclass
 class ModelSection:
-    """`name`: a preset (see `vmoe models`) or a paper description;
-    `overrides`: create_model keyword overrides (num_classes, num_experts,
-    group_size, capacity_factor, batch_priority, ...)."""
+    """The model: `name`, a catalogue name (`vmoe models`) or a paper
+    description to start from, and `changes` to it written in
+    `ModelConfig`'s own shape. In a file the changes stand beside the name:
 
-    name: str = "vmoe_mi4_every1_e8_k2"
-    overrides: dict[str, Any] = field(default_factory=dict)
+        model:
+          name: vmoe_mi4_every1_e8_k2
+          patch_size: 8                  # a ModelConfig field
+          moe:
+            group_size: 800              # a MoeConfig field
+            routing: {capacity_factor: 1.05, batch_priority: true}   # RoutingConfig
+
+    Each value reaches the model through one path (`resolve`): the
+    catalogue's override rules (`config.catalogue.override_config`), then
+    the typed loader and `ModelConfig.validate`, which check it once. With
+    finetune.init the architecture is the checkpoint's, and the changes may
+    set only routing (`moe.routing`), `moe.group_size` and `head_bias_init`.
+    """
+
+    name: str = DEFAULT_MODEL
+    changes: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self, image_size: Optional[int] = None, num_classes: Optional[int] = None) -> ModelConfig:
+        """The ModelConfig of a fresh model at `image_size` with `num_classes`
+        (each None: the catalogue entry's)."""
+        return resolve_model(self.name, self.changes, image_size, num_classes)
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """The changes as `create_model` keywords (every section named)."""
+        return create_kwargs(self.changes)
+
+    def finetune_changes(self) -> tuple[dict[str, Any], Optional[float]]:
+        """(routing changes incl. group_size for `set_routing`, head_bias_init)
+        of a fine-tuning run; anything else is refused."""
+        return finetune_changes(self.changes)
 
 
 @dataclass
@@ -145,7 +174,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Applies ["optim.lr=1e-3", "model.overrides.num_experts=4"]."""
+    """Applies ["optim.lr=1e-3", "model.moe.num_experts=4"]."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"Override {item!r} must look like section.key=value.")
@@ -167,7 +196,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if not isinstance(data, dict):
             raise ConfigError(f"{path!r} must hold a YAML mapping.")
     data = apply_overrides(data, overrides or [])
+    try:
+        model = model_section(data.pop("model", None))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     cfg = from_dict(ExperimentConfig, data)
+    cfg.model = ModelSection(*model)
     validate(cfg)
     return cfg
 
@@ -202,23 +236,25 @@ def validate(cfg: ExperimentConfig) -> None:
 
 
 def _validate_model(cfg: ExperimentConfig) -> None:
-    """The model section must build: a preset or description with valid
-    overrides, or (fine-tuning) valid routing changes."""
-    overrides = dict(cfg.model.overrides)
+    """The model section must build: a catalogue name or description with
+    valid changes, or (fine-tuning) valid routing changes."""
     try:
         if cfg.finetune.init is None:
-            resolve_config(cfg.model.name, image_size=cfg.data.image_size, **overrides)
+            cfg.model.resolve(image_size=cfg.data.image_size)
         else:
-            overrides.pop("head_bias_init", None)
-            check_group_size(overrides.pop("group_size", None))  # a run-time setting; the rest is routing
-            routing = RoutingConfig().updated(**overrides)
+            routing, _ = cfg.model.finetune_changes()
+            check_group_size(routing.pop("group_size", None))
+            checked = RoutingConfig().updated(**routing)
             # E is the checkpoint's, unknown here: the K <= E check runs when it is loaded.
-            k = routing.num_selected_experts
-            routing.validate(k if isinstance(k, int) and k >= 1 else 1)
+            k = checked.num_selected_experts
+            checked.validate(k if isinstance(k, int) and k >= 1 else 1)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"model (name {cfg.model.name!r}, overrides {cfg.model.overrides}): {e}") from e
+        raise ConfigError(f"model (name {cfg.model.name!r}, changes {cfg.model.changes}): {e}") from e
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    return to_dict(cfg)
+    """The config as a file holds it (the model's changes beside its name)."""
+    data = to_dict(cfg)
+    data["model"] = {"name": cfg.model.name, **cfg.model.changes}
+    return data
 

@@ -185,6 +185,9 @@ class ModelConfig:
 
 
 def as_pair(v: Union[int, tuple[int, int], list[int]]) -> tuple[int, int]:
-    if isinstance(v, int):
+    """An int n as (n, n), or a pair of ints; anything else is refused."""
+    if isinstance(v, int) and not isinstance(v, bool):
         return (v, v)
-    return (int(v[0]), int(v[1]))
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return (int(v[0]), int(v[1]))
+    raise ValueError(f"Expected an int or a pair of ints (height, width), got {v!r}.")

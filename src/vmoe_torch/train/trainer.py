@@ -21,7 +21,6 @@ from ..config.experiment import ExperimentConfig, config_to_dict
 from ..data.pipeline import build_datasets, eval_batches, step_batches, to_model_range
 from ..distributed.runtime import init_from_env, local_device
 from ..evaluate.classification import evaluate_at_capacity
-from ..models.factory import create_model
 from ..models.loading import consolidate_checkpoint, load_model
 from ..models.vit_moe import VisionTransformerMoe
 from ..storage.lock import WorkdirLock, remove_orphan_temporaries
@@ -67,25 +66,23 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> VisionTransformerMoe
     """A fresh model, or the fine-tuning initialisation when finetune.init is set."""
     size = cfg.data.image_size
     if cfg.finetune.init is None:
-        kw = {"num_classes": num_classes, "image_size": size, **cfg.model.overrides}
-        return create_model(cfg.model.name, **kw)
+        return VisionTransformerMoe(cfg.model.resolve(image_size=size, num_classes=num_classes))
+    routing, head_bias = cfg.model.finetune_changes()
     model = load_model(cfg.finetune.init).train()
     if tuple(model.config.image_size) != (size, size):
         model.resize_pos_embed((size, size))
-        if model.group_size is not None and "group_size" not in cfg.model.overrides:
+        if model.group_size is not None and "group_size" not in routing:
             warnings.warn(f"Fine-tuning at {size}x{size}: routing groups stay group_size={model.group_size} "
                           f"tokens ({model.group_size / model.config.tokens_per_image:g} images at this "
-                          "resolution); set model.overrides.group_size to choose another.")
+                          "resolution); set model.moe.group_size to choose another.")
     if cfg.finetune.new_head:
-        head_bias = cfg.model.overrides.get("head_bias_init", 0.0)
-        model.reset_classifier(num_classes, head_bias_init=head_bias,
+        model.reset_classifier(num_classes, head_bias_init=head_bias or 0.0,
                                keep_representation=cfg.finetune.keep_representation)
     elif model.config.num_classes != num_classes:
         raise ValueError(f"The initial model has {model.config.num_classes} classes, the data "
                          f"{num_classes}; set finetune.new_head=true.")
-    routing_keys = {k: v for k, v in cfg.model.overrides.items() if k != "head_bias_init"}
-    if routing_keys:
-        model.set_routing(**routing_keys)
+    if routing:
+        model.set_routing(**routing)
     for name, p in model.named_parameters():
         if any(name.startswith(prefix) for prefix in cfg.finetune.freeze):
             p.requires_grad_(False)
