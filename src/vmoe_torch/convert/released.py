@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from ..config.descriptions import BACKBONES, every_n, last_n
 
@@ -98,6 +98,3 @@ def released_config(name: str) -> dict[str, Any]:
     return reference_kwargs(c.description, c.num_classes, c.image_size, c.representation,
                             c.capacity_factor, c.ensemble_size)
 
-
-def expected_accuracy(name: str) -> Optional[dict[str, float]]:
-    return RELEASED[name].expected if name in RELEASED else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 from typing import Any, Iterator, Mapping, Optional, Sequence, cast
 
 import torch
@@ -462,10 +461,6 @@ class VisionTransformerMoe(TimmContract, nn.Module):
         finally:
             self._restore_routing(saved)
 
-
-def paper_head_bias(num_classes: int) -> float:
-    """The paper's head bias init, -log(num_classes)."""
-    return -math.log(num_classes)
 
 
 def _autocast_on(device_type: str) -> bool:
