@@ -14,7 +14,7 @@ from .dispatch import DroplessDispatcher
 from .experts import Experts
 from .groups import merge_runs, split_into_groups
 from .noise import GroupNoise
-from .routers import DISPATCH_IMPLS, Router, SoftRouter, TopExpertsRouter, _GatingRouter, build_router
+from .routers import DISPATCH_IMPLS, Router, SoftRouter, _GatingRouter, build_router, reroute
 
 Metrics = dict[str, Tensor]
 
@@ -101,33 +101,8 @@ class MoeMlp(nn.Module):
         self.group_size = group_size
 
     def apply_routing(self, config: RoutingConfig) -> None:
-        """Runs the layer with `config` from now on. Top-K and expert choice
-        share the gating matrix, so either may replace the other; Soft MoE's
-        parameters (and its slot count) are fixed by training."""
-        config.validate(self.num_experts)
-        current = self.router
-        if config.router == current.kind:
-            if isinstance(current, SoftRouter):
-                slots = SoftRouter.slots_for(config, self.group_size, self.num_experts)
-                if slots != current.num_slots:
-                    raise ValueError(
-                        f"Soft MoE's slot count is fixed by its parameters mu (D, E, p={current.num_slots}); "
-                        f"these settings give p={slots}. Keep num_slots / capacity_factor.")
-            if isinstance(current, TopExpertsRouter):
-                current.check_k(config)
-            current.config = config
-            return
-        if isinstance(current, _GatingRouter) and config.router != "soft":
-            new = build_router(self.dim, self.num_experts, config, self.group_size, self.ensemble_size,
-                               init=False)
-            assert isinstance(new, _GatingRouter)
-            new.take_parameters(current)
-            new.train(self.training)
-            self.router = new
-            return
-        raise ValueError(f"Cannot switch router {current.kind!r} -> {config.router!r}: their "
-                         "parameters differ (Soft MoE has slot parameters, the sparse routers a "
-                         "gating matrix). Build a new model, or upcycle.")
+        """Runs the layer with `config` from now on (`routers.reroute`)."""
+        self.router = reroute(self.router, config, self.group_size, self.ensemble_size)
 
     @property
     def dispatch_impl(self) -> str:

@@ -394,3 +394,32 @@ def routing_stats(plan: TopExpertsRouting, num_experts: int) -> Metrics:
         "top_gate_mean": top.mean(1),
         "top_gate_min": top.min(1).values,
     }
+
+
+def reroute(current: Router, config: RoutingConfig, group_size: Optional[int], ensemble_size: int = 1) -> Router:
+    """The router that runs `config` from now on: `current` itself with the
+    new settings, or, for a switch between top-K and expert choice (which
+    share the gating matrix), a new router holding `current`'s parameters.
+    Soft MoE's parameters (and its slot count) are fixed by training."""
+    num_experts = current.num_experts
+    config.validate(num_experts)
+    if config.router == current.kind:
+        if isinstance(current, SoftRouter):
+            slots = SoftRouter.slots_for(config, group_size, num_experts)
+            if slots != current.num_slots:
+                raise ValueError(
+                    f"Soft MoE's slot count is fixed by its parameters mu (D, E, p={current.num_slots}); "
+                    f"these settings give p={slots}. Keep num_slots / capacity_factor.")
+        if isinstance(current, TopExpertsRouter):
+            current.check_k(config)
+        current.config = config
+        return current
+    if isinstance(current, _GatingRouter) and config.router != "soft":
+        new = build_router(current.weight.shape[1], num_experts, config, group_size, ensemble_size, init=False)
+        assert isinstance(new, _GatingRouter)
+        new.take_parameters(current)
+        new.train(current.training)
+        return new
+    raise ValueError(f"Cannot switch router {current.kind!r} -> {config.router!r}: their "
+                     "parameters differ (Soft MoE has slot parameters, the sparse routers a "
+                     "gating matrix). Build a new model, or upcycle.")
