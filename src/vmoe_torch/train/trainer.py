@@ -73,7 +73,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> VisionTransformerMoe
         model.resize_pos_embed((size, size))
         if model.group_size is not None and "group_size" not in routing:
             warnings.warn(f"Fine-tuning at {size}x{size}: routing groups stay group_size={model.group_size} "
-                          f"tokens ({model.group_size / model.config.tokens_per_image:g} images at this "
+                          f"tokens ({model.group_size / model.config.tokens_per_image:.3g} images at this "
                           "resolution); set model.moe.group_size to choose another.")
     if cfg.finetune.new_head:
         model.reset_classifier(num_classes, head_bias_init=head_bias or 0.0,
