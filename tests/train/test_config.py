@@ -71,15 +71,18 @@ def test_enumerated_and_typed_fields_are_checked_at_load(override, match):
         load_config(None, [override])
 
 
-def test_finetune_changes_are_routing_changes_checked_at_load():
+def test_finetune_changes_are_routing_changes_checked_at_load(tmp_path):
     from vmoe_torch.config.typed import ConfigError
-    cfg = load_config(None, ["finetune.init=/somewhere", "model.moe.routing.capacity_factor=1.5",
+    init = f"finetune.init={tmp_path}"
+    cfg = load_config(None, [init, "model.moe.routing.capacity_factor=1.5",
                              "model.moe.group_size=64", "model.head_bias_init=-2.0"])
     assert cfg.model.finetune_changes() == ({"capacity_factor": 1.5, "group_size": 64}, -2.0)
     with pytest.raises(ConfigError, match="not a RoutingConfig field"):
-        load_config(None, ["finetune.init=/somewhere", "model.moe.routing.capacity_factr=1.5"])
+        load_config(None, [init, "model.moe.routing.capacity_factr=1.5"])
     with pytest.raises(ConfigError, match="takes the architecture from finetune.init.*model.patch_size"):
-        load_config(None, ["finetune.init=/somewhere", "model.patch_size=8"])
+        load_config(None, [init, "model.patch_size=8"])
+    with pytest.raises(ConfigError, match="finetune.init '/nothere' does not exist"):
+        load_config(None, ["finetune.init=/nothere"])
 
 
 def test_one_path_from_the_file_to_the_router(tmp_path):

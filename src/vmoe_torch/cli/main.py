@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from ..utils.errors import RunRefused
 from . import convert, models, timm_cli, train_cli, upcycle
 
 
@@ -25,7 +26,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, RunRefused) as e:
         # Under torchrun every rank meets the same bad input: one report, from rank 0.
         if os.environ.get("RANK", "0") == "0":
             print(f"vmoe {args.command}: error: {e}", file=sys.stderr)

@@ -3,6 +3,9 @@ unknown keys; `load_config(path, overrides)` reads YAML and applies
 `--set a.b=value` overrides (values parsed as YAML scalars)."""
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -228,11 +231,48 @@ def validate(cfg: ExperimentConfig) -> None:
          f"data.path is required for data.name={cfg.data.name!r}."),
         (cfg.train.expert_shards is None or cfg.train.fsdp,
          "train.expert_shards applies with train.fsdp=true only."),
+        (cfg.data.randaugment is None or (cfg.data.randaugment[0] >= 0 and 0 <= cfg.data.randaugment[1] <= 30),
+         f"data.randaugment is [num_ops >= 0, magnitude in 0..30] (RandAugment's 31 magnitude bins), "
+         f"got {cfg.data.randaugment}."),
+        (0 <= cfg.optim.b1 < 1 and 0 <= cfg.optim.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)."),
+        (cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0,
+         "optim.grad_clip_norm must be > 0, or null for no clipping."),
+        (cfg.schedule.end_lr >= 0, "schedule.end_lr must be >= 0."),
+        (cfg.eval.capacity_factor is None or cfg.eval.capacity_factor > 0,
+         f"eval.capacity_factor must be > 0 (or null: as trained), got {cfg.eval.capacity_factor}."),
+        (all(c > 0 for c in cfg.eval.grid_capacity_factors),
+         f"eval.grid_capacity_factors must all be > 0, got {list(cfg.eval.grid_capacity_factors)}."),
+        (all(k >= 1 for k in cfg.eval.grid_num_selected_experts),
+         "eval.grid_num_selected_experts must all be >= 1."),
+        (all(n >= 1 for n in cfg.fewshot.shots) and cfg.fewshot.seeds >= 1 and all(x > 0 for x in cfg.fewshot.l2_grid),
+         "fewshot.shots and fewshot.seeds must be >= 1 and fewshot.l2_grid > 0."),
     ]
+    if cfg.finetune.init is not None and not os.path.exists(cfg.finetune.init):
+        raise ConfigError(f"finetune.init {cfg.finetune.init!r} does not exist: give a training work dir or a "
+                          "from_pretrained directory.")
+    nonfinite = _nonfinite_numbers(cfg)
+    if nonfinite:
+        raise ConfigError(f"{nonfinite[0]} must be a finite number (not inf or nan).")
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     _validate_model(cfg)
+
+
+def _nonfinite_numbers(cfg: ExperimentConfig) -> list[str]:
+    """The dotted names of every inf / nan setting outside the model section
+    (whose own validation rejects them where each is defined)."""
+    found = []
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(value) or section.name == "model":
+            continue
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            items = v if isinstance(v, tuple) else (v,)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in items):
+                found.append(f"{section.name}.{f.name}")
+    return found
 
 
 def _validate_model(cfg: ExperimentConfig) -> None:

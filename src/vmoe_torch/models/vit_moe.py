@@ -351,11 +351,12 @@ class VisionTransformerMoe(RoutingControl, TimmContract, nn.Module):
 
     # ----------------------------------------------------------- save / load
     def save_pretrained(self, out_dir: str, overwrite: bool = False,
-                        source: Optional[dict[str, Any]] = None) -> None:
+                        source: Optional[dict[str, Any]] = None, allow_nonfinite: bool = False) -> None:
         """Writes a Hub-compatible directory: model.safetensors (with the
         architecture fingerprint), config.json and a model card README.md
-        (`vmoe_torch.storage.pretrained`), atomically."""
-        files.write_pretrained(self.state_dict(), self.config, out_dir, overwrite, source)
+        (`vmoe_torch.storage.pretrained`), atomically; NaN / Inf weights are
+        refused unless `allow_nonfinite`."""
+        files.write_pretrained(self.state_dict(), self.config, out_dir, overwrite, source, allow_nonfinite)
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: str = "cpu", **routing: Any) -> "VisionTransformerMoe":

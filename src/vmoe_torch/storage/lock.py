@@ -9,6 +9,7 @@ import socket
 import warnings
 from typing import Optional
 
+from ..utils.errors import RunRefused
 from ..utils.io import TMP_PREFIX
 
 LOCK_NAME = ".vmoe.lock"
@@ -58,7 +59,7 @@ class WorkdirLock:
                     continue
                 if owner is None:  # a lock file being written right now, or torn: retry once
                     continue
-                raise RuntimeError(
+                raise RunRefused(
                     f"Another run (pid {owner.get('pid')} on {owner.get('host')}) is using work dir "
                     f"{os.path.dirname(self.path)!r}. Wait for it, use another --workdir, or, if that "
                     f"process is really gone, delete {self.path!r}.")

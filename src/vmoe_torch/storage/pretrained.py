@@ -80,9 +80,17 @@ def write_metadata(out_dir: str, cfg: ModelConfig, source: Optional[dict[str, An
 
 
 def write_pretrained(state: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir: str,
-                     overwrite: bool = False, source: Optional[dict[str, Any]] = None) -> None:
+                     overwrite: bool = False, source: Optional[dict[str, Any]] = None,
+                     allow_nonfinite: bool = False) -> None:
     """Writes `state` (a model's state_dict) as model.safetensors + config.json
-    + README.md atomically to `out_dir`."""
+    + README.md atomically to `out_dir`. Weights with NaN or Inf values are
+    refused (a diverged model) unless `allow_nonfinite`."""
+    if not allow_nonfinite:
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"{len(bad)} tensors hold NaN or Inf values ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}): the model diverged. Nothing was written to "
+                             f"{out_dir!r}; pass allow_nonfinite=True to write it anyway.")
     with atomic_directory(out_dir, overwrite) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, os.path.join(tmp, "model.safetensors"),

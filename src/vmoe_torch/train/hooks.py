@@ -18,6 +18,8 @@ from typing import Any, Optional, Protocol
 from torch import nn
 
 from ..config.experiment import ExperimentConfig
+from ..storage.workdir import latest_checkpoint
+from ..utils.errors import RunRefused
 from .logger import MetricsLogger
 from .parallel import ParallelMode
 
@@ -38,6 +40,12 @@ class TrainerView(Protocol):
     def request_stop(self, reason: str, signum: Optional[int] = None) -> None: ...
 
     def save(self, step: int) -> str: ...
+
+    def finite(self, weights: bool = False) -> bool: ...
+
+
+class DivergedError(RunRefused):
+    """The loss, the gradient norm or the weights stopped being finite."""
 
 
 class Hook:
@@ -148,16 +156,42 @@ class StopOnSignal(Hook):
             signal.signal(s, handler)
 
 
+def checkpoint_due(trainer: TrainerView, done: int) -> bool:
+    every, total = trainer.cfg.train.checkpoint_every, trainer.cfg.train.steps
+    return trainer.stop_reason is not None or done % every == 0 or done == total
+
+
+class StopOnDivergence(Hook):
+    """A non-finite loss or gradient norm, or non-finite weights, stop the
+    run with an error naming the step, before anything non-finite is
+    checkpointed. Checked on logged steps and before every checkpoint (one
+    host read there, agreed by every rank), so the last checkpoint is always
+    finite."""
+
+    def after_step(self, trainer: TrainerView, done: int, record: dict[str, Any]) -> None:
+        saving = checkpoint_due(trainer, done)
+        if "loss" not in record and not saving:
+            return
+        if not trainer.mode.agree_max(0 if trainer.finite(weights=saving) else 1):
+            return
+        last = latest_checkpoint(trainer.workdir)
+        values = f" (loss {record['loss']}, gradient norm {record['grad_norm']})" if "loss" in record else ""
+        raise DivergedError(
+            f"Training diverged at step {done}: the loss, the gradient norm or the weights are no longer "
+            f"finite{values}. Nothing of it was saved; the last checkpoint is "
+            f"{last or 'none yet'}. Lower optim.lr, lengthen schedule.warmup_steps or set "
+            "optim.grad_clip_norm, then start over (--force) or resume from that checkpoint.")
+
+
 class Checkpoint(Hook):
     """A checkpoint every train.checkpoint_every steps, at the last step, and
     at a requested stop."""
 
     def after_step(self, trainer: TrainerView, done: int, record: dict[str, Any]) -> None:
-        every, total = trainer.cfg.train.checkpoint_every, trainer.cfg.train.steps
-        if trainer.stop_reason is not None or done % every == 0 or done == total:
+        if checkpoint_due(trainer, done):
             trainer.save(done)
 
 
 def default_hooks() -> list[Hook]:
     log = LogMetrics()
-    return [log, Progress(), Evaluate(log), StopOnSignal(), Checkpoint()]
+    return [log, Progress(), Evaluate(log), StopOnSignal(), StopOnDivergence(), Checkpoint()]

@@ -121,6 +121,7 @@ class Trainer:
         self.hooks = default_hooks() if hooks is None else hooks
         self.stop_reason: Optional[str] = None
         self.stop_signal: Optional[int] = None
+        self._last_loss_and_norm = torch.zeros(2, dtype=torch.float64)
 
     @property
     def rank(self) -> int:
@@ -132,6 +133,15 @@ class Trainer:
 
     def _compile_options(self) -> dict[str, Any]:
         return {"dynamic": True, "fullgraph": True, "backend": self.cfg.train.compile_backend}
+
+    def finite(self, weights: bool = False) -> bool:
+        """Whether the last step's loss and gradient norm (and with `weights`,
+        this rank's weights) are finite: a host read, which
+        `hooks.StopOnDivergence` makes on logged and checkpoint steps only."""
+        if not bool(torch.isfinite(self._last_loss_and_norm).all()):
+            return False
+        return not weights or all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all())
+                                  for p in self.model.parameters())
 
     def request_stop(self, reason: str, signum: Optional[int] = None) -> None:
         """Ends the loop after the current step (which is checkpointed)."""
@@ -342,6 +352,7 @@ class Trainer:
                 if "/" in key and key.split("/")[1] in _ROUTING_LOG:
                     routing.setdefault(key, []).append(value.detach().float().mean(0))
         grad_norm = self.mode.clip_gradients(self.model, cfg.optim.grad_clip_norm)
+        self._last_loss_and_norm = torch.stack([totals.sum(), grad_norm.detach().double()])  # read when checked
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not collect_routing:  # not a logged step: nothing is read back from the device

@@ -1,0 +1,79 @@
+"""Nothing silent: a diverged run stops naming the step and keeps a finite
+checkpoint, non-finite weights are not exported, every numeric setting is
+finite, and expected refusals reach the user as one line."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TINY
+
+from vmoe_torch import create_model
+from vmoe_torch.config import load_config
+from vmoe_torch.config.typed import ConfigError
+from vmoe_torch.data.pipeline import eval_batches
+from vmoe_torch.evaluate.classification import evaluate_at_capacity
+from vmoe_torch.models.loading import load_model
+from vmoe_torch.storage.workdir import list_checkpoints
+from vmoe_torch.train.hooks import DivergedError
+from vmoe_torch.train.trainer import Trainer
+
+
+def test_a_diverged_run_stops_naming_the_step_and_its_last_checkpoint_is_finite(tmp_path):
+    cfg = load_config(None, TINY + ["optim.lr=1e6", "schedule.warmup_steps=0", "train.checkpoint_every=1",
+                                    "train.log_every=4"])
+    trainer = Trainer(cfg, str(tmp_path))
+    with pytest.raises(DivergedError, match=r"diverged at step (\d+).*the last checkpoint is .*step_0+\d"):
+        trainer.fit()
+    steps = [s for s, _ in list_checkpoints(str(tmp_path))]
+    assert steps and steps[-1] < cfg.train.steps  # it stopped, and kept what was finite
+    model = load_model(str(tmp_path))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    result = evaluate_at_capacity(model, eval_batches(trainer.test_ds, 32), 4.0)
+    assert 0.0 <= result["top1"] <= 1.0
+    assert not (tmp_path / "final").exists()
+
+
+def test_non_finite_weights_are_not_exported_unless_asked(tmp_path):
+    model = create_model("vmoe_dense_mi4")
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
+    with pytest.raises(ValueError, match="1 tensors hold NaN or Inf values \\(head.bias\\)"):
+        model.save_pretrained(str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+    model.save_pretrained(str(tmp_path / "m"), allow_nonfinite=True)
+    assert (tmp_path / "m" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("setting", ["optim.lr=.inf", "schedule.end_lr=.nan", "data.mixup_alpha=.inf",
+                                     "eval.capacity_factor=.inf", "eval.grid_capacity_factors=[0.5, .inf]",
+                                     "fewshot.l2_grid=[1.0, .nan]", "optim.grad_clip_norm=.inf"])
+def test_every_numeric_setting_must_be_finite(setting):
+    with pytest.raises(ConfigError, match=f"{setting.split('=')[0]} must be a finite number"):
+        load_config(None, [setting])
+
+
+@pytest.mark.parametrize("setting,match", [
+    ("data.randaugment=[2, 50]", "magnitude in 0..30"),
+    ("eval.capacity_factor=0", "eval.capacity_factor must be > 0"),
+    ("eval.grid_capacity_factors=[0.5, 0]", "eval.grid_capacity_factors must all be > 0"),
+    ("eval.grid_num_selected_experts=[0]", "grid_num_selected_experts"),
+    ("optim.b2=1.0", "optim.b1 and optim.b2"),
+    ("model.moe.routing.capacity_factor=.nan", "capacity_factor must be a finite"),
+])
+def test_every_section_is_validated_at_load(setting, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [setting])
+
+
+def test_a_busy_work_dir_is_one_line_and_exit_code_2(tmp_path, capsys):
+    from vmoe_torch.cli.main import main
+    from vmoe_torch.storage.lock import WorkdirLock
+    lock = WorkdirLock(str(tmp_path))
+    lock.acquire()
+    try:
+        code = main(["train", "--workdir", str(tmp_path), *[a for s in TINY for a in ("--set", s)]])
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("vmoe train: error: Another run") and "Traceback" not in err
