@@ -76,4 +76,73 @@ def test_a_busy_work_dir_is_one_line_and_exit_code_2(tmp_path, capsys):
         lock.release()
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("vmoe train: error: Another run") and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("vmoe train: error: Another run") and "Traceback" not in err
+
+
+def _run(workdir, *extra, force=False):
+    cfg = load_config(None, TINY + ["train.steps=12", "train.checkpoint_every=4", "train.keep_checkpoints=3",
+                                    *extra])
+    return Trainer(cfg, str(workdir), force=force).fit()
+
+
+def test_a_damaged_checkpoint_is_named_and_lost_progress_is_not_overwritten(tmp_path, capsys):
+    from vmoe_torch.utils.errors import RunRefused
+    _run(tmp_path)
+    (tmp_path / "checkpoints" / "step_00000012" / "state.json").unlink()
+    (tmp_path / "eval.json").unlink()
+    with pytest.warns(UserWarning, match="Skipping damaged checkpoint .*step_00000012.*no state.json"):
+        assert _run(tmp_path)["status"] == "completed"  # resumed from step 8, with the warning
+    assert "Resumed from step 8 of 12" in capsys.readouterr().err
+    for ckpt in (tmp_path / "checkpoints").iterdir():
+        (ckpt / "state.json").unlink(missing_ok=True)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(RunRefused, match="metrics up to step 12 but resumes from step 0 .*damaged checkpoints"):
+        _run(tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics  # nothing lost
+    with pytest.warns(UserWarning, match="Skipping damaged checkpoint"):
+        with pytest.raises(FileNotFoundError, match="holds no checkpoint yet"):
+            load_model(str(tmp_path))
+
+
+def test_lowering_steps_on_a_finished_run_is_refused_and_the_record_stays_true(tmp_path):
+    from vmoe_torch.utils.errors import RunRefused
+    _run(tmp_path)
+    config = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(RunRefused, match="at step 12, past train.steps=6"):
+        _run(tmp_path, "train.steps=6")
+    assert (tmp_path / "config.yaml").read_text() == config
+
+
+def test_defaults_are_announced(tmp_path, capsys):
+    from vmoe_torch.cli.main import main
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.warns(UserWarning, match="is empty: every setting is a default"):
+        load_config(str(empty))
+    assert main(["train", "--workdir", str(tmp_path / "wd"), "--set", "optim.lr=.inf"]) == 2
+    assert "no config file: every setting not given with --set is a default" in capsys.readouterr().err
+
+
+def test_inputs_far_outside_the_model_range_warn_once():
+    model = create_model("vmoe_mi4_every2_e8_k2").eval()
+    with pytest.warns(UserWarning, match=r"reach \|x\| = 25\d.*expects pixels scaled to \[-1, 1\]"):
+        model(torch.rand(8, 3, 32, 32) * 255)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.rand(8, 3, 32, 32) * 255)  # once per model
+        create_model("vmoe_mi4_every2_e8_k2").eval()(torch.rand(8, 3, 32, 32) * 2 - 1)
+
+
+def test_a_group_larger_than_the_batch_warns_with_one_process(tmp_path):
+    cfg = load_config(None, TINY + ["model.moe.group_size=8000"])
+    with pytest.warns(UserWarning, match=r"16 images \(272 tokens\) per micro-batch, fewer than group_size=8000"):
+        trainer = Trainer(cfg, str(tmp_path))
+        trainer._setup()
+
+
+def test_eval_of_a_work_dir_without_a_checkpoint_says_so(tmp_path, capsys):
+    from vmoe_torch.cli.main import main
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n')
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "is a training work dir that holds no checkpoint yet" in capsys.readouterr().err

@@ -108,6 +108,9 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
     from ..config import load_config
     if args.config is not None and not os.path.exists(args.config):
         raise FileNotFoundError(f"Config file {args.config!r} not found.")
+    if args.config is None and os.environ.get("RANK", "0") == "0":
+        print(f"vmoe {args.command}: no config file: every setting not given with --set is a default of "
+              "vmoe_torch.config.experiment (configs/ holds complete ones).", file=sys.stderr)
     return load_config(args.config, list(extra) + list(args.overrides))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -196,6 +197,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 data = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path!r} is not valid YAML: {e}") from e
+        if not data:
+            warnings.warn(f"{path!r} is empty: every setting is a default of vmoe_torch.config.experiment "
+                          f"(model {DEFAULT_MODEL} on the bundled digits, {TrainConfig.steps} steps).")
         if not isinstance(data, dict):
             raise ConfigError(f"{path!r} must hold a YAML mapping.")
     data = apply_overrides(data, overrides or [])

@@ -13,7 +13,7 @@ import torch
 
 from ..storage import sharded
 from ..storage.pretrained import read_config
-from ..storage.workdir import is_sharded_checkpoint, is_workdir, list_checkpoints
+from ..storage.workdir import is_sharded_checkpoint, is_training_workdir, is_workdir, list_checkpoints, warn_damaged
 from .vit_moe import VisionTransformerMoe
 
 T = TypeVar("T")
@@ -58,6 +58,7 @@ def _newest_readable(workdir: str, use: Callable[[str], T]) -> tuple[str, T]:
     """(checkpoint, use(checkpoint)) for the newest checkpoint of `workdir`
     that `use` can read; unreadable newer ones are skipped with a warning, as
     on resume. A FileExistsError (the output is there) is not skipped."""
+    warn_damaged(workdir)
     found = list_checkpoints(workdir)
     if not found:
         raise FileNotFoundError(f"Work dir {workdir!r} holds no checkpoint yet.")
@@ -94,5 +95,8 @@ def load_model(path: str) -> VisionTransformerMoe:
         return load_sharded_checkpoint(path)
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return VisionTransformerMoe.from_pretrained(path)
+    if is_training_workdir(path):
+        raise FileNotFoundError(f"{path!r} is a training work dir that holds no checkpoint yet (the first is "
+                                "written at train.checkpoint_every steps).")
     raise FileNotFoundError(f"{path!r} is neither a training work dir, a checkpoint, nor a from_pretrained "
                             "directory.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -119,6 +120,7 @@ class VisionTransformerMoe(RoutingControl, TimmContract, nn.Module):
         # returns tensors only unless return_metrics=True).
         self.metrics: Metrics = {}
         self.grad_checkpointing = False
+        self._range_checked = False  # `_check_range_once`
         self._aux_guard = AuxLossGuard()
         self.pretrained_cfg = default_pretrained_cfg(config)
         d = config.hidden_size
@@ -227,6 +229,17 @@ class VisionTransformerMoe(RoutingControl, TimmContract, nn.Module):
         self.pos_grid = new_grid
         self._config = dataclasses.replace(self._config, image_size=(int(image_size[0]), int(image_size[1])))
 
+    def _check_range_once(self, images: Tensor) -> None:
+        """Warns, on the model's first eager forward only (one host read),
+        when inputs are far outside [-1, 1]: 0..255 pixels, say."""
+        if self._range_checked or torch.compiler.is_compiling() or images.device.type == "meta":
+            return
+        self._range_checked = True
+        peak = float(images.detach().abs().amax()) if images.numel() else 0.0
+        if peak > 10:
+            warnings.warn(f"Input images reach |x| = {peak:g}; the model expects pixels scaled to [-1, 1] "
+                          "(x / 127.5 - 1 for 0..255 values, or the model's pretrained_cfg mean/std).")
+
     def _add_pos_embed(self, x: Tensor, grid: tuple[int, int], interpolate: bool) -> Tensor:
         kind = self._config.position_emb
         if kind == "sincos2d":
@@ -255,6 +268,7 @@ class VisionTransformerMoe(RoutingControl, TimmContract, nn.Module):
             grid = self.pos_grid
         else:
             grid = self.patch_embed.grid(images.shape[2], images.shape[3])
+            self._check_range_once(images)
         x = self.patch_embed(images)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)

@@ -10,9 +10,11 @@ or, written by a sharded run (torch.distributed.checkpoint: one file per rank),
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
+import warnings
 from typing import Optional
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -42,6 +44,43 @@ def list_checkpoints(workdir: str) -> list[tuple[int, str]]:
         if m and os.path.exists(os.path.join(root, d, "state.json")):
             found.append((int(m.group(1)), os.path.join(root, d)))
     return sorted(found)
+
+
+def damaged_checkpoints(workdir: str) -> list[str]:
+    """step_* folders without a state.json. A write that was interrupted
+    stays a `.tmp-*` folder, so these were damaged after they were complete
+    (or edited); resume, evaluation and consolidation warn about them."""
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, d) for d in os.listdir(root)
+                  if _NAME.match(d) and not os.path.exists(os.path.join(root, d, "state.json")))
+
+
+def warn_damaged(workdir: str) -> None:
+    for path in damaged_checkpoints(workdir):
+        warnings.warn(f"Skipping damaged checkpoint {path!r}: it has no state.json (deleted or never "
+                      "finished); older checkpoints are used.")
+
+
+def last_logged_step(workdir: str) -> int:
+    """The largest step in WORKDIR/metrics.jsonl (0 without one); damaged
+    lines are passed over here (the logger reports them when it opens)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    last = 0
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    last = max(last, int(json.loads(line).get("step", 0)))
+                except (ValueError, AttributeError, TypeError):
+                    continue
+    return last
+
+
+def is_training_workdir(path: str) -> bool:
+    """A work dir a run has started in (it may hold no checkpoint yet)."""
+    return any(os.path.exists(os.path.join(path, f)) for f in ("run_identity.json", "metrics.jsonl", "checkpoints"))
 
 
 def latest_checkpoint(workdir: str) -> Optional[str]:

@@ -35,7 +35,7 @@ from torch import nn
 from ..distributed import state as dstate
 from ..distributed.expert_parallel import global_name
 from ..storage import sharded
-from ..storage.workdir import checkpoint_dir, is_sharded_checkpoint, latest_checkpoint, list_checkpoints
+from ..storage.workdir import checkpoint_dir, is_sharded_checkpoint, latest_checkpoint, list_checkpoints, warn_damaged
 from ..utils.io import atomic_directory, commit_directory, temporary_directory
 from ..utils.state import state_mismatch
 
@@ -235,6 +235,7 @@ def restore_latest(workdir: str, model: nn.Module, optimizer: torch.optim.Optimi
     its state.json, or None when there is none. Unreadable newer ones
     (truncated files, a torn state.json) are skipped with a warning naming
     them; when every checkpoint is unreadable this raises, listing why."""
+    warn_damaged(workdir)
     skipped = []
     for _, path in reversed(list_checkpoints(workdir)):
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -25,7 +26,14 @@ from ..models.loading import consolidate_checkpoint, load_model
 from ..models.vit_moe import VisionTransformerMoe
 from ..storage.lock import WorkdirLock, remove_orphan_temporaries
 from ..storage.pretrained import config_json
-from ..storage.workdir import check_writable, latest_checkpoint, list_checkpoints
+from ..storage.workdir import (
+    check_writable,
+    damaged_checkpoints,
+    last_logged_step,
+    latest_checkpoint,
+    list_checkpoints,
+)
+from ..utils.errors import RunRefused
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.seeds import derive_seed
 from .checkpoint import restore_latest
@@ -200,8 +208,29 @@ class Trainer:
             state = restore_latest(self.workdir, self.model, self.optimizer)
             if state is not None:
                 start = int(state["step"])
+        self._check_progress(start, restart)
         self._commit_workdir(restart)
+        if start and self.mode.lead:
+            print(f"Resumed from step {start} of {self.cfg.train.steps} in {self.workdir}.", file=sys.stderr)
         return start
+
+    def _check_progress(self, start: int, restart: bool) -> None:
+        """Refuses, before the work dir changes, a start that would lose or
+        misreport progress: metrics past any readable checkpoint (their
+        checkpoints damaged), or a run already past train.steps."""
+        steps = self.cfg.train.steps
+        if start > steps:
+            raise RunRefused(f"Work dir {self.workdir!r} holds a run at step {start}, past train.steps={steps}: "
+                             "nothing to train, and its final/ and eval.json stay those of that run. Raise "
+                             "train.steps to extend it, or use another --workdir.")
+        logged, damaged = last_logged_step(self.workdir), damaged_checkpoints(self.workdir)
+        # A kill between checkpoints leaves at most one interval of metrics past the resume point.
+        lost = logged > start + self.cfg.train.checkpoint_every or (start == 0 and bool(damaged))
+        if lost and not (self.force or restart):
+            raise RunRefused(f"Work dir {self.workdir!r} has metrics up to step {logged} but resumes from step "
+                             f"{start}{' (damaged checkpoints: ' + ', '.join(damaged) + ')' if damaged else ''}: "
+                             "the progress between them would be lost and metrics.jsonl rewritten. Use --force "
+                             "to go on from step " + str(start) + ", or another --workdir.")
 
     def _commit_workdir(self, restart: bool) -> None:
         """Writes the run identity and config.yaml (after a successful set-up
@@ -235,11 +264,16 @@ class Trainer:
         share is not a whole number of groups, routing differs from one process
         on the whole batch."""
         moe = self.model.config.moe
-        if moe is None or moe.group_size is None or self.world == 1 and self.cfg.train.grad_accum == 1:
+        if moe is None or moe.group_size is None:
             return
         images = self.cfg.data.batch_size // (self.world * self.cfg.train.grad_accum)
         tokens = images * self.model.config.tokens_per_image * moe.ensemble_size
-        if tokens % moe.group_size:
+        if tokens < moe.group_size:
+            warnings.warn(
+                f"Each process routes {images} images ({tokens} tokens) per micro-batch, fewer than "
+                f"group_size={moe.group_size}: every batch is routed as one smaller group, with a capacity "
+                "to match. Lower model.moe.group_size or raise data.batch_size to route whole groups.")
+        elif tokens % moe.group_size and (self.world > 1 or self.cfg.train.grad_accum > 1):
             warnings.warn(
                 f"Each process routes {images} images ({tokens} tokens) per micro-batch, not a multiple "
                 f"of group_size={moe.group_size}: its last routing group is smaller, so routing differs "
