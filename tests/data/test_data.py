@@ -95,3 +95,24 @@ def test_huggingface_dataset_from_disk(tmp_path):
     assert tr.num_classes == 3 and len(tr) == 6 and len(te) == 4
     x, y = te[1]
     assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and y == 1
+
+
+def test_the_bundled_digits_are_scikit_learns_without_importing_it():
+    """The digits are read from the file scikit-learn ships, as its
+    load_digits reads it: the same arrays, and no scikit-learn import (about
+    a second for every training process)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from vmoe_torch.data.digits import _load_digits
+    images, labels = _load_digits()
+    reference = load_digits()
+    assert np.array_equal(images, reference.images.astype(np.float32) / 16.0)
+    assert np.array_equal(labels, reference.target)
+    code = ("import sys; from vmoe_torch.data.digits import _load_digits; _load_digits(); "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
