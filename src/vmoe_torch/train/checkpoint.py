@@ -32,7 +32,6 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..distributed import state as dstate
 from ..distributed.expert_parallel import global_name
 from ..storage import sharded
 from ..storage.workdir import checkpoint_dir, is_sharded_checkpoint, latest_checkpoint, list_checkpoints, warn_damaged
@@ -41,6 +40,13 @@ from ..utils.state import state_mismatch
 
 __all__ = ["CorruptCheckpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "restore",
            "restore_latest", "save_checkpoint", "save_sharded_checkpoint"]
+
+
+def _dstate() -> Any:
+    """`distributed.state`, imported when a checkpoint is saved or restored:
+    it imports DTensor, about 0.5 s of every process's start-up."""
+    from ..distributed import state
+    return state
 
 
 def _optimizer_to_flat(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -126,8 +132,8 @@ def save_sharded_checkpoint(workdir: str, step: int, model: nn.Module, optimizer
         dist.broadcast_object_list(box)
     tmp = str(box[0])
     try:
-        opt_tensors, opt_meta = dstate.optimizer_entries(optimizer, model)
-        sharded.save(tmp, {**dstate.model_entries(model), **opt_tensors, sharded.RNG: torch.get_rng_state()})
+        opt_tensors, opt_meta = _dstate().optimizer_entries(optimizer, model)
+        sharded.save(tmp, {**_dstate().model_entries(model), **opt_tensors, sharded.RNG: torch.get_rng_state()})
         if lead:
             for name, data in (files or {}).items():
                 _write_json(Path(tmp) / name, data)
@@ -183,7 +189,7 @@ def restore(path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> di
     however they are sharded now, and restores the RNG states; returns
     state.json. Raises CorruptCheckpoint when a file cannot be read (the
     same on every rank), ValueError when it belongs to another model."""
-    entries = dstate.model_entries(model)
+    entries = _dstate().model_entries(model)
     if is_sharded_checkpoint(path):
         try:
             state = _read_state_json(path)
@@ -191,13 +197,13 @@ def restore(path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> di
         except Exception as e:  # noqa: BLE001
             raise CorruptCheckpoint(f"{path!r} ({type(e).__name__}: {e})") from e
         _check_model(entries, specs, path)
-        opt_entries = dstate.optimizer_templates(optimizer, model, specs)
+        opt_entries = _dstate().optimizer_templates(optimizer, model, specs)
         rng = torch.get_rng_state()
         try:
             sharded.load(path, {**entries, **opt_entries, sharded.RNG: rng})
         except Exception as e:  # noqa: BLE001 - DCP reports a bad file on every rank
             raise CorruptCheckpoint(f"{path!r} ({type(e).__name__}: {e})") from e
-        dstate.load_optimizer(optimizer, model, opt_entries, state["optimizer"])
+        _dstate().load_optimizer(optimizer, model, opt_entries, state["optimizer"])
         _set_rng_state(state["rng"], rng)
         return state
     model_state, opt_state, state = load_checkpoint(path)
@@ -205,16 +211,16 @@ def restore(path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> di
     _check_model(entries, sharded.specs_of(full), path)
     by_name, meta = _optimizer_by_name(opt_state, optimizer, model)
     full.update(by_name)
-    opt_entries = dstate.optimizer_templates(optimizer, model, sharded.specs_of(by_name))
-    dstate.copy_full({**entries, **opt_entries}, full)
-    dstate.load_optimizer(optimizer, model, opt_entries, meta)
+    opt_entries = _dstate().optimizer_templates(optimizer, model, sharded.specs_of(by_name))
+    _dstate().copy_full({**entries, **opt_entries}, full)
+    _dstate().load_optimizer(optimizer, model, opt_entries, meta)
     return state
 
 
 def _optimizer_by_name(sd: dict[str, Any], optimizer: torch.optim.Optimizer,
                        model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A full optimizer state dict (indexed in parameter order) in the named
-    form of `dstate.optimizer_entries`."""
+    form of `_dstate().optimizer_entries`."""
     names = {id(p): global_name(n) for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     if sum(len(g["params"]) for g in sd["param_groups"]) != len(order):

@@ -19,7 +19,6 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config.experiment import TrainConfig
-from ..distributed import fsdp
 from ..distributed.comm import comm_device
 from ..distributed.expert_parallel import (
     check_expert_parallel,
@@ -31,6 +30,13 @@ from ..distributed.expert_parallel import (
 from ..storage.workdir import checkpoint_dir
 from .checkpoint import save_checkpoint, save_sharded_checkpoint
 from .optim import clip_grad_norm
+
+
+def _fsdp() -> Any:
+    """`distributed.fsdp`, imported by the FSDP mode only: FSDP2 and DTensor
+    cost about 0.5 s of every process's start-up."""
+    from ..distributed import fsdp
+    return fsdp
 
 
 class ParallelMode:
@@ -152,14 +158,14 @@ class Fsdp(ParallelMode):
         return False  # each block after fully_shard, FSDP's hooks between blocks staying eager
 
     def wrap(self, model: nn.Module, compile_options: Optional[dict[str, Any]] = None) -> None:
-        fsdp.fsdp_expert_parallel(model, fsdp.parallel_mesh(self.expert_shards, self.device_type))
+        _fsdp().fsdp_expert_parallel(model, _fsdp().parallel_mesh(self.expert_shards, self.device_type))
         if compile_options is not None:
             for block in model.blocks:  # type: ignore[union-attr]
                 block.compile(**compile_options)
 
     def clip_gradients(self, model: nn.Module, max_norm: Optional[float]) -> torch.Tensor:
-        fsdp.sync_expert_gradients(model)  # FSDP averaged the non-expert gradients in backward
-        return fsdp.clip_grad_norm_fsdp(model, max_norm)
+        _fsdp().sync_expert_gradients(model)  # FSDP averaged the non-expert gradients in backward
+        return _fsdp().clip_grad_norm_fsdp(model, max_norm)
 
 
 def choose_mode(train: TrainConfig, rank: int, world: int, device: torch.device) -> ParallelMode:
