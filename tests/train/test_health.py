@@ -146,3 +146,63 @@ def test_eval_of_a_work_dir_without_a_checkpoint_says_so(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n')
     assert main(["eval", str(tmp_path)]) == 2
     assert "is a training work dir that holds no checkpoint yet" in capsys.readouterr().err
+
+
+def _image_folder(root, per_class: int = 8):
+    from PIL import Image
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_an_unreadable_image_stops_the_run_naming_the_file_and_a_resume_gets_past_it(tmp_path):
+    data = tmp_path / "data"
+    _image_folder(data)
+    bad = data / "train" / "b" / "3.png"
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 3])  # truncated
+    sets = TINY + ["data.name=imagefolder", f"data.path={data}", "train.steps=4", "train.checkpoint_every=1"]
+    with pytest.raises(ValueError, match=r"cannot read example \d+, file '.*3.png'.*rerun the same command"):
+        Trainer(load_config(None, sets), str(tmp_path / "wd")).fit()
+    bad.write_bytes(good)
+    assert Trainer(load_config(None, sets), str(tmp_path / "wd")).fit()["status"] == "completed"
+
+
+def test_a_full_disk_says_what_happened_and_that_the_run_can_resume(tmp_path):
+    import errno
+
+    from vmoe_torch.utils.errors import RunRefused
+    trainer = Trainer(load_config(None, TINY + ["train.checkpoint_every=2"]), str(tmp_path))
+    save = trainer.mode.save
+    calls = []
+
+    def full_after_the_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(*args, **kwargs)
+
+    trainer.mode.save = full_after_the_first
+    with pytest.raises(RunRefused, match=r"No space left on device while writing the checkpoint of step 4.*"
+                                         r"step_00000002\) is intact.*rerun the same command"):
+        trainer.fit()
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2]
+
+
+def test_an_empty_cifar_directory_is_described_without_torchvision_download_advice(tmp_path):
+    from vmoe_torch.data.pipeline import build_datasets
+    cfg = load_config(None, ["data.name=cifar10", f"data.path={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py") as err:
+        build_datasets(cfg.data)
+    assert "download" not in str(err.value).replace("Nothing is downloaded", "")
+
+
+def test_debug_shows_the_traceback_of_an_expected_error(tmp_path):
+    from vmoe_torch.cli.main import main
+    with pytest.raises(ConfigError, match="optim.lr must be a finite number"):
+        main(["--debug", "train", "--workdir", str(tmp_path), "--set", "optim.lr=.inf"])

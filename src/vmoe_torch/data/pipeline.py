@@ -38,7 +38,12 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, step = key if isinstance(key, tuple) else (key, -1)
-        image, label = self.source[index]
+        try:
+            image, label = self.source[index]
+        except (OSError, ValueError) as e:  # PIL: truncated or not an image
+            raise ValueError(f"{self.name}: cannot read example {index}{_file_of(self.source, index)} "
+                             f"({type(e).__name__}: {e}). Replace or remove that file, then rerun the same "
+                             "command: the run resumes from its last checkpoint.") from e
         if self.transform is not None:
             if step >= 0:  # training: the augmentation is a function of (seed, step, index)
                 torch.manual_seed(derive_seed(self.seed, step) * 1_000_033 + index)
@@ -122,6 +127,13 @@ def _pil_transform(size: int, train: bool) -> Callable:
     return v2.Compose(ops + [v2.Lambda(lambda t: t.expand(3, -1, -1) if t.shape[0] == 1 else t[:3])])
 
 
+def _file_of(source: Any, index: int) -> str:
+    """", file PATH" for sources that read files (torchvision's ImageFolder)."""
+    while source is not None and not hasattr(source, "samples"):
+        source = getattr(source, "source", None)
+    return f", file {source.samples[index][0]!r}" if source is not None else ""
+
+
 class _Mapped:
     def __init__(self, source: Any, fn: Callable) -> None:
         self.source, self.fn = source, fn
@@ -171,9 +183,11 @@ def build_datasets(cfg: DataConfig) -> tuple[ImageDataset, ImageDataset]:
         cls = tvd.CIFAR10 if cfg.name == "cifar10" else tvd.CIFAR100
         try:
             tr, te = cls(root, train=True, download=False), cls(root, train=False, download=False)
-        except RuntimeError as e:
-            raise FileNotFoundError(f"{cfg.name}: no valid dataset files under {root!r} ({e}). Put the "
-                                    "standard python-version archive's extracted folder there.") from e
+        except RuntimeError as e:  # torchvision's message suggests download=True, which does not apply here
+            folder = "cifar-10-batches-py" if cfg.name == "cifar10" else "cifar-100-python"
+            raise FileNotFoundError(f"{cfg.name}: no valid dataset files under {root!r}: expected the "
+                                    f"extracted python-version archive, {root}/{folder}/. Nothing is "
+                                    "downloaded.") from e
         n = 10 if cfg.name == "cifar10" else 100
         return (ImageDataset(_Mapped(tr, _pil_transform(cfg.image_size, True)), n, train_tf, cfg.seed,
                              f"{cfg.name}/train"),

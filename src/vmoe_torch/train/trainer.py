@@ -7,6 +7,7 @@ of an uninterrupted run (CPU, fixed threads).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -256,8 +257,17 @@ class Trainer:
         assert self.optimizer is not None
         extra = {"data_position": {"step": step, "batch_size": self.cfg.data.batch_size, "seed": self.cfg.data.seed}}
         files = {"config.json": config_json(self.model.config)}
-        return self.mode.save(self.workdir, step, self.model, self.optimizer, extra,
-                              self.cfg.train.keep_checkpoints, files)
+        try:
+            return self.mode.save(self.workdir, step, self.model, self.optimizer, extra,
+                                  self.cfg.train.keep_checkpoints, files)
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+            if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+                raise
+            last = latest_checkpoint(self.workdir)
+            raise RunRefused(f"No space left on device while writing the checkpoint of step {step} in "
+                             f"{self.workdir!r}; nothing of it was kept, and the last checkpoint "
+                             f"({last or 'none yet'}) is intact. Free space, then rerun the same command to "
+                             "resume.") from e
 
     def _warn_split_groups(self) -> None:
         """Routing groups are cut per process (and micro-batch): when a rank's
