@@ -15,6 +15,10 @@ PYTEST := $(PY) -m pytest -q -n $(JOBS)
 # ATen's portable kernels so that a tolerance fitted to one CPU's kernels
 # (AVX-512, AMX) fails here first.
 NUMERICS := ATEN_CPU_CAPABILITY=default $(PYTEST) -m numerics tests
+# On x86-64, once more on AVX2 kernels (ATen, MKL, oneDNN), the older CPUs' path.
+ifeq ($(shell uname -m),x86_64)
+NUMERICS += && ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTEST) -m numerics tests
+endif
 
 .PHONY: install demo test test-fast test-numerics test-gpu bench upcycle-experiment clean
 
@@ -32,7 +36,7 @@ demo: $(STAMP)
 	$(PY) -m vmoe_torch.cli.main demo --workdir $(DEMO_DIR)
 
 # The whole suite, as CI runs it: lint, types, every test, then the
-# numerically sensitive ones again on the portable kernels.
+# numerically sensitive ones again on the portable kernels (and on AVX2 ones).
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy src

@@ -46,8 +46,14 @@ def test_dropless_equals_the_capacity_path_when_nothing_drops(e, data, group, gr
     (ya.square().sum() + ma["auxiliary_loss"]).backward()
     (yb.square().sum() + mb["auxiliary_loss"]).backward()
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
+    # A weight gradient sums up to ~10^2 products per element, in another order
+    # and blocking on each path (grouped_mm vs bmm): they differ by up to
+    # ~10^2 x 2^-24 of the tensor's largest entry (AVX2, AVX-512 and portable
+    # kernels block differently); 2^-16 of it bounds that with margin, far
+    # below a misrouted token or a lost gate (order 1).
     for (name, pa), pb in zip(capped.named_parameters(), dropless.parameters()):
-        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6, msg=name)
+        scale = float(pa.grad.abs().max())
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=2.0 ** -16 * scale + 1e-12, msg=name)
 
 
 def test_dropless_keeps_every_choice_where_the_capacity_path_drops():

@@ -59,6 +59,7 @@ def test_draws_are_standard_normal_and_independent():
         assert abs(np.corrcoef(z, other)[0, 1]) < 0.01
 
 
+@pytest.mark.numerics
 def test_layer_noise_follows_the_seed_and_the_rank_offset():
     torch.manual_seed(0)
     layer = MoeMlp(16, 32, 4, group_size=8, num_selected_experts=2).train()
@@ -70,7 +71,12 @@ def test_layer_noise_follows_the_seed_and_the_rank_offset():
     twin.noise_seed = 7
     twin.noise.shard = 1  # second of two ranks: global groups 2, 3
     y2, _ = twin(x[2:])
-    torch.testing.assert_close(y2, y[2:], rtol=0, atol=0)
+    # The same computation on half the batch: GEMMs of another size may block
+    # (and round) differently on AVX2 / AVX-512 kernels, so equal to float32
+    # rounding; the noise of the wrong groups moves the output far more.
+    torch.testing.assert_close(y2, y[2:], rtol=1e-5, atol=1e-6)
+    twin.noise.shard = 0  # the first rank's groups
+    assert (twin(x[2:])[0] - y[2:]).abs().max() > 1e-3
     layer.noise_seed = 8
     assert not torch.equal(layer(x)[0], y)
 

@@ -10,6 +10,7 @@ import torch
 from vmoe_torch import create_model
 
 
+@pytest.mark.numerics
 def test_rank_offset_gives_each_rank_the_noise_of_its_own_groups():
     torch.manual_seed(0)
     model = create_model("vmoe_mi4_every1_e8_k2", num_layers=2, layers=(0, 1), patch_size=8, image_size=32,
@@ -27,8 +28,11 @@ def test_rank_offset_gives_each_rank_the_noise_of_its_own_groups():
             ranks.append(replica(x[rank * 4:(rank + 1) * 4]))
         same_noise = copy.deepcopy(model)  # the old behaviour: every rank at offset 0
         stale = same_noise(x[4:])
-    torch.testing.assert_close(torch.cat(ranks), full, rtol=0, atol=0)
-    assert (stale - full[4:]).abs().max() > 1e-6
+    # Each rank computes on its own 4 images: GEMMs of another size may round
+    # differently (AVX2 / AVX-512 kernels), so equal to float32 rounding;
+    # the noise of the wrong groups moves the logits far more.
+    torch.testing.assert_close(torch.cat(ranks), full, rtol=1e-5, atol=1e-5)
+    assert (stale - full[4:]).abs().max() > 1e-3
 
 
 def test_misaligned_groups_warn(tmp_path):
