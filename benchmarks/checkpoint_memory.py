@@ -45,6 +45,7 @@ import torch.multiprocessing as mp
 
 from vmoe_torch import create_model
 from vmoe_torch.distributed import fsdp
+from vmoe_torch.distributed.runtime import shutdown
 from vmoe_torch.models.loading import consolidate_checkpoint
 from vmoe_torch.storage.pretrained import config_json
 from vmoe_torch.train.checkpoint import restore, save_checkpoint, save_sharded_checkpoint
@@ -140,8 +141,7 @@ def worker(rank: int, world: int, init: str, root: str, out: str, phase: str, bi
             result["export_extra"] = peak() - before_export
     with open(os.path.join(out, f"{phase}{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown(synchronize=True)
 
 
 def full_layout(root: str, big: dict) -> dict[str, int]:

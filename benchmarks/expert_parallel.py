@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from vmoe_torch import create_model
 from vmoe_torch.distributed import expert_parallel, sync_gradients
+from vmoe_torch.distributed.runtime import shutdown
 
 BATCH, IMAGE = 32, 64
 MODEL = dict(num_classes=10, image_size=IMAGE, patch_size=8, hidden_size=256, num_heads=4, mlp_dim=1024,
@@ -78,7 +79,7 @@ def worker(rank: int, world: int, init: str, out: str, steps: int, threads: int)
         json.dump({"step_s": statistics.median(times), "bytes_per_all_to_all": per_call[0] if per_call else 0,
                    "theory": theory, "slots": slots, "tokens": tokens}, f)
     if world > 1:
-        dist.destroy_process_group()
+        shutdown(synchronize=True)
 
 
 def main() -> None:

@@ -14,12 +14,14 @@ import torch._dynamo
 import torch.distributed as dist
 
 from vmoe_torch.distributed import expert_parallel
+from vmoe_torch.distributed.runtime import shutdown
 from vmoe_torch.moe import MoeMlp
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    ok = False
     try:
         torch.manual_seed(0)
         layer = MoeMlp(16, 32, 4, group_size=16, num_selected_experts=2, batch_priority=True,
@@ -44,5 +46,6 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                     worst["grads"] = max(worst["grads"], float((a.grad - b.grad).abs().max()))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(worst, f)
-    finally:
-        dist.destroy_process_group()
+        ok = True
+    finally:  # a barrier on success first, so no rank tears down a peer's connections
+        shutdown(synchronize=ok)

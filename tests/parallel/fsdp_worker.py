@@ -22,6 +22,7 @@ from vmoe_torch.distributed.fsdp import (
     sync_expert_gradients,
     unsharded,
 )
+from vmoe_torch.distributed.runtime import shutdown
 
 
 def _model(num_experts: int, dim: int = 32, dropless: bool = False) -> torch.nn.Module:
@@ -99,9 +100,11 @@ def check(num_experts: int, expert_shards: int, dropless: bool = False, batch: i
 def worker(rank: int, world: int, init_file: str, out_dir: str, cases: list) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    ok = False
     try:
         results = {f"E{c[0]}_P{c[1]}" + ("_dropless" if c[2:] and c[2] else ""): check(*c) for c in cases}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-    finally:
-        dist.destroy_process_group()
+        ok = True
+    finally:  # a barrier on success first, so no rank tears down a peer's connections
+        shutdown(synchronize=ok)

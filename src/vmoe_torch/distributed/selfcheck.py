@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..models.factory import create_model
 from ..models.vit_moe import VisionTransformerMoe
 from .expert_parallel import expert_parallel, gather_state_dict, is_expert_param, sync_gradients
+from .runtime import shutdown
 
 CASES: list[dict[str, Any]] = [dict(num_experts=e, num_selected_experts=k, batch_priority=b, capacity_factor=c)
          for e, k, b, c in itertools.product((4, 8), (1, 2), (False, True), (0.5, 1.05))]
@@ -135,6 +136,7 @@ def case_name(case: dict) -> str:
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    ok = False
     try:
         batch = 8
         results = {}
@@ -144,8 +146,9 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results[name] = _check_training(case, rank, world, batch)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
-    finally:
-        dist.destroy_process_group()
+        ok = True
+    finally:  # a barrier on success first, so no rank tears down a peer's connections
+        shutdown(synchronize=ok)
 
 
 def run(world: int, out_dir: str) -> dict[str, dict[str, float]]:
