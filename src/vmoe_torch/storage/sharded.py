@@ -120,7 +120,7 @@ def consolidate_sharded(path: str, out_dir: str, expected: Optional[Mapping[str,
     for name in names:
         shape, dtype = specs[name]
         if dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{name!r} has dtype {dtype}, which the export does not write.")
+            raise ValueError(f"{name!r} has dtype {dtype}, which the consolidation does not write.")
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}

@@ -149,8 +149,8 @@ class Trainer:
         `hooks.StopOnDivergence` makes on logged and checkpoint steps only."""
         if not bool(torch.isfinite(self._last_loss_and_norm).all()):
             return False
-        return not weights or all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all())
-                                  for p in self.model.parameters())
+        return not weights or all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                                  for p in self.model.parameters())  # DTensors: this rank's shard
 
     def request_stop(self, reason: str, signum: Optional[int] = None) -> None:
         """Ends the loop after the current step (which is checkpointed)."""
