@@ -97,7 +97,7 @@ def test_e3_dispatch_plan_and_ensemble_eval():
     inter = npz(d / "intermediates.npz")
     seen = _capture(model)
     with torch.no_grad():
-        logits = model(images)
+        logits = model(images, members=True)
     assert logits.shape == (4, 10)
     for name, layer in model.moe_layers().items():
         prefix = f"Encoder/{name}/Moe"

@@ -47,7 +47,7 @@ def test_logits_pre_logits_and_metrics(case):
     with torch.no_grad():
         feats = model.forward_features(images)
         metrics = model.metrics
-        logits = model.forward_head(feats)
+        logits = model.forward_head(feats, members=True)  # E^3: the reference's member rows
         pooled = model.pool(feats)
         pre = model.pre_logits(pooled) if model.pre_logits is not None else pooled
     tol = 1e-5 + 2 * _bf16_rounding_effect(model, images, logits)

@@ -47,13 +47,16 @@ def test_fx_feature_extractor_equals_eager(case):
     extractor = create_feature_extractor(model, return_nodes={"blocks.1": "block1", "head": "logits"})
     with torch.no_grad():
         got = extractor(x)
-        logits = model(x)
+        logits = model(x, members=True)  # the head node: E^3 member rows
         _, (block1,) = model.forward_intermediates(x, indices=[1], output_fmt="NLC")
     if "C0.5" in case:
         assert _dropped(model) > 0.05  # the reduced-capacity path really drops tokens
     torch.testing.assert_close(got["logits"], logits, rtol=0, atol=1e-6)
-    assert got["block1"].shape[-1] == block1.shape[-1]
-    torch.testing.assert_close(got["block1"][:, -block1.shape[1]:], block1, rtol=0, atol=1e-6)
+    fx_block1 = got["block1"]
+    if model.members_per_image > 1:  # E^3: the feature API gives the members' mean
+        fx_block1 = fx_block1.unflatten(0, (-1, model.members_per_image)).mean(1)
+    assert fx_block1.shape[-1] == block1.shape[-1]
+    torch.testing.assert_close(fx_block1[:, -block1.shape[1]:], block1, rtol=0, atol=1e-6)
 
 
 def test_fx_graph_keeps_input_checks_and_trains():

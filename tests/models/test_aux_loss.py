@@ -17,6 +17,7 @@ def _batch(b=4):
 
 def test_a_loop_that_drops_the_auxiliary_loss_is_warned_once():
     model = create_model("vmoe_mi4_every2_e8_k2").train()
+    model.set_auxiliary_loss_gradient(False)  # attached (the default), nothing is dropped
     x, y = _batch()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -57,13 +58,13 @@ def test_with_auxiliary_loss_equals_the_explicit_sum(name):
             self.module = inner
     assert WithAuxiliaryLoss(F.cross_entropy, Wrapped(model)).model is model
     model.set_noise_seed(1)
-    loss = criterion(model(x), y)
+    loss = criterion(model(x, members=True), y)
     loss.backward()
     router = model.blocks[1].mlp.router.weight
     got = router.grad.clone()
     model.zero_grad()
     model.set_noise_seed(1)
-    logits = model(x)
+    logits = model(x, members=True)
     m = model.ensemble_size
     explicit = F.cross_entropy(logits, y.repeat_interleave(m)) + model.auxiliary_loss
     explicit.backward()

@@ -27,7 +27,7 @@ def test_members_equal_separate_models_and_average(bpr, cf):
     model = _e3(bpr=bpr, cf=cf)
     x = torch.randn(6, 3, 16, 16)
     with torch.no_grad():
-        logits = model(x)
+        logits = model(x, members=True)
         members = [extract_member(model, m)(x) for m in range(2)]
     assert logits.shape == (12, 5)
     for m in range(2):
@@ -57,7 +57,7 @@ def test_training_step_metrics_and_noise_per_member():
     model = _e3().train()
     x = torch.randn(4, 3, 16, 16)
     model.set_noise_seed(1)
-    logits, metrics = model(x, return_metrics=True)
+    logits, metrics = model(x, return_metrics=True, members=True)
     assert metrics["encoderblock_1/load_loss"].shape == (2, 2)  # (G, M): 4*17*2 tokens / 68
     loss = torch.nn.functional.cross_entropy(logits, torch.arange(4).repeat_interleave(2) % 5)
     (loss + metrics["auxiliary_loss"]).backward()

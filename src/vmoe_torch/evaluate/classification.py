@@ -28,7 +28,7 @@ def evaluate_classification(model: Any, loader: Iterable, multilabel: bool = Fal
         x = to_model_range(images.to(device))
         labels = labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, metrics = model(x, return_metrics=True)
+            logits, metrics = model(x, return_metrics=True, members=True)
         # E^3: the members' mean probability (M = 1: log-softmax, same argmax).
         logits = ensemble_log_probs(logits, model.ensemble_size)
         n += len(labels)

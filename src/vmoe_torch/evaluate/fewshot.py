@@ -21,7 +21,7 @@ def extract_features(model, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
     feats, labels = [], []
     for images, y in loader:
         tokens = model.forward_features(to_model_range(images.to(device)))
-        f = model.forward_head(tokens, pre_logits=True).double()
+        f = model.forward_head(tokens, pre_logits=True, members=True).double()
         members = model.ensemble_size
         if members > 1:
             f = f.view(-1, members, f.shape[-1]).mean(1)

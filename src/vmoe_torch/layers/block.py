@@ -12,9 +12,14 @@ from typing import Callable, Optional
 
 from torch import Tensor, nn
 
+from ..utils.transient import Transient
 from .attention import Attention
 
 Metrics = dict[str, Tensor]
+
+
+def _nothing() -> None:
+    return None
 
 
 class Block(nn.Module):
@@ -44,7 +49,16 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = mlp_layer()
         self.is_moe = bool(getattr(self.mlp, "returns_metrics", False))
-        self.metrics: Optional[Metrics] = None  # the MLP's metrics of the last forward
+        self._last: Transient[Optional[Metrics]] = Transient(_nothing)  # not copied nor pickled
+
+    @property
+    def metrics(self) -> Optional[Metrics]:
+        """The MLP's metrics of the last forward (None before one, and in a copy)."""
+        return self._last.value
+
+    @metrics.setter
+    def metrics(self, value: Optional[Metrics]) -> None:
+        self._last.value = value
 
     def forward(self, x: Tensor, noise: Optional[Tensor] = None) -> Tensor:
         """(B, N, D) -> (B, N, D); `noise` goes to an MLP that returns metrics."""

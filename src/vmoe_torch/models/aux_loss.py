@@ -1,23 +1,76 @@
 """The MoE auxiliary loss in training loops that were not written for it.
 
 A generic loop computes `loss_fn(model(x), y)` and would train the router
-without its load-balancing loss. Two safeguards:
+without its load-balancing loss. Three pieces:
 
-- `WithAuxiliaryLoss(criterion, model)`: a drop-in loss (timm's `train_one_epoch`,
-  Lightning, plain loops) that adds `model.auxiliary_loss` of the forward
-  that produced the output, and repeats the targets for E^3 members.
-- `AuxLossGuard`: the model's check. When a backward pass reached the logits
-  of a training forward but not its auxiliary loss, the next training forward
-  warns once, naming the fix. It uses gradient hooks only (no host sync) and
-  is skipped under torch.compile and tracing.
+- `attach_auxiliary_loss` (on by default in every training forward): the
+  output carries the auxiliary loss's gradient. A backward pass through the
+  output gives the auxiliary loss the gradient `scale` (1: the loop's loss
+  is the task loss as computed, not rescaled), as if it had been added to
+  the loss. When the loop adds `model.auxiliary_loss` itself (our trainer,
+  `WithAuxiliaryLoss`, a hand-written `loss + model.auxiliary_loss`), the
+  gradient of that explicit use is taken instead, so it counts once, with
+  the loop's own weight and scaling (gradient accumulation, loss scaling).
+  Which one counts is decided in the backward pass from the gradients
+  themselves (an explicit gradient of exactly zero counts as unused): no
+  flag, no order, no host sync.
+- `WithAuxiliaryLoss(criterion, model)`: a drop-in loss that adds
+  `model.auxiliary_loss` of the forward that produced the output.
+- `AuxLossGuard`: with the attachment switched off, warns once when a
+  backward reached the logits of a training forward but not its auxiliary
+  loss (gradient hooks only; skipped under torch.compile and tracing).
 """
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
+
+
+class _Split(torch.autograd.Function):
+    """aux -> (attached copy, explicit copy). Backward: the explicit copy's
+    gradient when the loss used it, else the attached copy's."""
+
+    @staticmethod
+    def forward(ctx: Any, aux: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        return aux.clone(), aux.clone()
+
+    @staticmethod
+    def backward(ctx: Any, attached: Optional[Tensor], explicit: Optional[Tensor]) -> Optional[Tensor]:  # noqa: ARG004
+        if explicit is None:
+            return attached
+        if attached is None:
+            return explicit
+        # Compiled graphs pass zeros for an unused output: a zero explicit
+        # gradient means the loss did not use it (decided on the device).
+        return torch.where(explicit != 0, explicit, attached)
+
+
+class _Attach(torch.autograd.Function):
+    """(output, aux) -> output; backward gives `aux` the gradient `scale`."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, aux: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        ctx.aux_like = (aux.dtype, aux.device)
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        dtype, device = ctx.aux_like
+        return grad, torch.full((), ctx.scale, dtype=dtype, device=device), None
+
+
+def attach_auxiliary_loss(output: Tensor, aux: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Returns `(output, aux)` to hand to the caller: a backward pass through
+    the returned output gives `aux` the gradient `scale`, unless the same
+    backward also reaches the returned `aux` (the loss added it): then only
+    that explicit gradient counts. Values are unchanged; 0-dim `aux`."""
+    attached, explicit = _Split.apply(aux)
+    return _Attach.apply(output, attached, scale), explicit
 
 
 class AuxLossGuard:

@@ -3,25 +3,13 @@ the members, and taking one member out as a plain V-MoE."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
-from torch import Tensor
 
+from .members import ensemble_log_probs
 from .vit_moe import VisionTransformerMoe
 
-
-def ensemble_log_probs(logits: Tensor, ensemble_size: int) -> Tensor:
-    """The reference's E^3 evaluation: (B*M, classes) member logits (row
-    b*M + m is image b, member m) -> (B, classes) log of the mean of the
-    members' softmax probabilities. M = 1: plain log-softmax."""
-    if logits.shape[0] % ensemble_size:
-        raise ValueError(f"{logits.shape[0]} rows are not B * ensemble_size={ensemble_size}.")
-    if ensemble_size == 1:
-        return torch.log_softmax(logits.float(), dim=-1)
-    b = logits.shape[0] // ensemble_size
-    logp = torch.log_softmax(logits.float(), dim=-1).view(b, ensemble_size, -1)
-    return torch.logsumexp(logp, dim=1) - math.log(ensemble_size)
+__all__ = ["ensemble_log_probs", "extract_member"]
 
 
 @torch.no_grad()

@@ -66,6 +66,21 @@ class RoutingControl:
             self._restore_routing(saved)
             raise
 
+    def batch_independent_routing(self) -> dict[str, Any]:
+        """The routing changes under which each image's prediction does not
+        depend on the other images of its batch (timm's validate.py at any
+        -b, serving one request at a time): top-K layers run dropless (no
+        capacity, so no token competes with another image's), and expert
+        choice / Soft MoE route each image as its own group. Use as
+        `with model.routing(**model.batch_independent_routing()): ...`."""
+        layers = self.moe_layers()
+        if not layers:
+            return {}
+        if all(layer.routing.router == "top_experts" for layer in layers.values()):
+            return {"dropless": True}
+        config = self.config  # type: ignore[attr-defined]
+        return {"group_size": config.tokens_per_image * config.moe.ensemble_size}
+
     @property
     def group_size(self) -> Optional[int]:
         """Tokens per routing group (None: each batch is one group), as the

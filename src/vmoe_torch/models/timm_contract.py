@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from torch import Tensor, nn
 
 from ..config.model import ModelConfig, as_pair
+from .members import mean_over_members
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -67,6 +68,7 @@ class TimmContract:
 
     if TYPE_CHECKING:
         _config: ModelConfig
+        first_moe_block: int
         blocks: nn.ModuleList
         norm: nn.Module
         head: Optional[nn.Linear]
@@ -74,6 +76,9 @@ class TimmContract:
         num_prefix_tokens: int
         grad_checkpointing: bool
         patch_embed: Any
+
+        @property
+        def members_per_image(self) -> int: ...
 
         def _embed(self, images: Tensor, interpolate_pos_embed: bool) -> Tensor: ...
         def _run_blocks(self, x: Tensor, router_noise: Optional[Mapping[str, Tensor]] = None,
@@ -155,8 +160,9 @@ class TimmContract:
     ) -> Union[list[Any], tuple[Tensor, list[Any]]]:
         """timm's feature API: the outputs of the chosen blocks (NCHW maps of
         the patch tokens, or NLC), and unless `intermediates_only` the final
-        tokens as `forward_features` returns them. E^3 models give (B*M, ...)
-        intermediates after their first MoE block, like their logits."""
+        tokens as `forward_features` returns them. E^3 intermediates are (B, ...)
+        at every depth: after the first MoE block, the members' mean (the
+        final tokens stay (B*M, N, D), as `forward_head` takes them)."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
         chosen, last = take_indices(len(self.blocks), indices)
@@ -165,6 +171,9 @@ class TimmContract:
                                          last=last if stop_early or intermediates_only else None)
         if norm:
             taken = [self.norm(t) for t in taken]
+        m = self.members_per_image
+        taken = [mean_over_members(t, m) if m > 1 and i >= self.first_moe_block else t
+                 for i, t in zip(chosen, taken)]
         p = self.num_prefix_tokens
         prefix = [t[:, :p] for t in taken]
         spatial = [t[:, p:] for t in taken]

@@ -24,7 +24,9 @@ from ..layers.init import lecun_normal_
 from ..layers.roles import no_weight_decay_names
 from ..moe import MoeMlp
 from ..storage import pretrained as files
-from .aux_loss import AuxLossGuard
+from ..utils.transient import Transient
+from .aux_loss import AuxLossGuard, attach_auxiliary_loss
+from .members import ensemble_log_probs, mean_over_members
 from .routing_control import RoutingControl
 from .timm_contract import POOLS, TimmContract, default_pretrained_cfg
 
@@ -118,10 +120,11 @@ class VisionTransformerMoe(RoutingControl, TimmContract, nn.Module):
         self._config = config
         # The MoE metrics of the last forward (a declared channel: forward
         # returns tensors only unless return_metrics=True).
-        self.metrics: Metrics = {}
+        self._last: Transient[Metrics] = Transient(dict)  # not copied nor pickled (graph tensors)
         self.grad_checkpointing = False
         self._range_checked = False  # `_check_range_once`
         self._aux_guard = AuxLossGuard()
+        self._aux_gradient_scale: Optional[float] = 1.0  # `set_auxiliary_loss_gradient`
         self.pretrained_cfg = default_pretrained_cfg(config)
         d = config.hidden_size
         self.patch_embed = PatchEmbed(config.patch_size, d, config.in_chans)
@@ -171,6 +174,16 @@ class VisionTransformerMoe(RoutingControl, TimmContract, nn.Module):
     @config.setter
     def config(self, value: ModelConfig) -> None:
         self._config = value
+
+    @property
+    def metrics(self) -> Metrics:
+        """The MoE metrics of the last forward (empty before one, and in a
+        copy: `copy.deepcopy` and pickling do not carry graph tensors)."""
+        return self._last.value
+
+    @metrics.setter
+    def metrics(self, value: Metrics) -> None:
+        self._last.value = value
 
     # ----------------------------------------------------------------- head
     def _build_head(self, num_classes: int, bias_init: float, like: Optional[Tensor] = None) -> None:
@@ -328,32 +341,84 @@ class VisionTransformerMoe(RoutingControl, TimmContract, nn.Module):
         assert self.map_head is not None
         return self.map_head(x)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+    def forward_head(self, x: Tensor, pre_logits: bool = False, members: bool = False) -> Tensor:
         """Encoded tokens (B, N, D) -> logits (B, classes), or with
         `pre_logits=True` the head's input (after the tanh of the
-        representation layer), the features few-shot evaluation uses."""
+        representation layer), the features few-shot evaluation uses.
+
+        E^3 (M members, tokens (B*M, N, D)): one row per image, the log of
+        the members' mean probability (a valid logit vector) or the members'
+        mean features; `members=True` keeps the (B*M, ...) member rows."""
         x = self.pool(x)
         if self.pre_logits is not None:
             x = torch.tanh(self.pre_logits(x))
-        if pre_logits or self.head is None:
-            return x
-        return self.head(x)
+        out = x if pre_logits or self.head is None else self.head(x)
+        m = self.members_per_image
+        if m == 1 or members:
+            return out
+        return mean_over_members(out, m) if out is x else ensemble_log_probs(out, m).to(out.dtype)
+
+    @property
+    def members_per_image(self) -> int:
+        """Rows per image after the blocks: M for an E^3 model (its first MoE
+        block repeats the tokens), else 1."""
+        return self.ensemble_size if 0 <= self.first_moe_block < len(self.blocks) else 1
 
     def forward(self, images: Tensor, return_metrics: bool = False,
                 router_noise: Optional[Mapping[str, Tensor]] = None,
-                interpolate_pos_embed: bool = False):
+                interpolate_pos_embed: bool = False, members: bool = False):
         """Logits (B, classes); with `return_metrics=True`, `(logits, metrics)`.
         Either way the metrics of this forward stay in `self.metrics` and the
-        auxiliary loss to add to the task loss in `self.auxiliary_loss`.
+        auxiliary loss in `self.auxiliary_loss`.
+
+        Training: the logits carry the auxiliary loss's gradient (see
+        `set_auxiliary_loss_gradient`), so a loop that only backpropagates
+        its task loss still trains the routers with it, and one that adds
+        `model.auxiliary_loss` itself counts it once.
+
+        E^3: one row per image, the members' mean probability as log-probs
+        (timm's contract; training through it fits the ensemble's mixture).
+        `members=True` returns the reference's (B*M, classes) member logits
+        (row b*M + m), which the reference trains with one loss per member.
 
         FX symbolic tracing traces `forward_head(forward_features(images))`:
         the options keep their defaults and the graph returns logits only."""
         if isinstance(images, torch.fx.Proxy):
             return self.forward_head(self.forward_features(images))
-        logits = self.forward_head(self.forward_features(images, router_noise, interpolate_pos_embed))
-        if self.training and not return_metrics:  # generic loops: notice a dropped auxiliary loss
-            self._aux_guard.watch(logits, self.metrics["auxiliary_loss"])
+        tokens = self.forward_features(images, router_noise, interpolate_pos_embed)
+        logits = self.forward_head(tokens, members=members)
+        if self.training and torch.is_grad_enabled():
+            logits = self._carry_auxiliary_loss(logits, watch=not return_metrics)
         return (logits, self.metrics) if return_metrics else logits
+
+    def _carry_auxiliary_loss(self, logits: Tensor, watch: bool) -> Tensor:
+        aux = self.metrics["auxiliary_loss"]
+        if self._aux_gradient_scale is None:
+            if watch:  # generic loops: notice a dropped auxiliary loss
+                self._aux_guard.watch(logits, aux)
+            return logits
+        if not (aux.requires_grad and logits.requires_grad):
+            return logits
+        logits, self.metrics["auxiliary_loss"] = attach_auxiliary_loss(logits, aux, self._aux_gradient_scale)
+        return logits
+
+    def set_auxiliary_loss_gradient(self, attached: bool = True, scale: float = 1.0) -> None:
+        """Whether a training forward's logits carry the auxiliary loss's
+        gradient (default: yes, `scale` 1).
+
+        With it on, a backward pass through the logits gives the auxiliary
+        loss the gradient `scale`: the loop's gradient is that of
+        `task_loss + scale * model.auxiliary_loss`, exactly once, also when
+        the logits feed several losses. A loop that adds
+        `model.auxiliary_loss` to its loss (any weight) gets that explicit
+        gradient instead, never both. A loop that divides its loss by N
+        (gradient accumulation) or multiplies it (fp16 loss scaling) and
+        does not add the auxiliary loss itself should pass that factor as
+        `scale`. `attached=False` restores plain logits (and a warning when
+        the auxiliary loss gets no gradient)."""
+        if attached and not (0 < scale < float("inf")):
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}.")
+        self._aux_gradient_scale = float(scale) if attached else None
 
     @property
     def auxiliary_loss(self) -> Tensor:

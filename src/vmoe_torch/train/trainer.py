@@ -385,7 +385,7 @@ class Trainer:
         members = self.model.ensemble_size
         for xs, ts in zip(x.chunk(accum), targets.chunk(accum)):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-                logits, metrics = self.forward_model(xs, return_metrics=True)
+                logits, metrics = self.forward_model(xs, return_metrics=True, members=True)
             if members > 1:  # E^3: each member is trained on the labels (reference)
                 ts = ts.repeat_interleave(members, dim=0)
             task = self.loss_fn(logits, ts)
