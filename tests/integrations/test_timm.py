@@ -82,10 +82,9 @@ def test_forward_intermediates_and_features_only(name):
     x = _x()
     final, inter = m.forward_intermediates(x, indices=2)
     torch.testing.assert_close(final, m.forward_features(x))
-    members = m.ensemble_size
     grid = m.config.grid
     assert len(inter) == 2 and all(t.shape[1:] == (m.num_features, *grid) for t in inter)
-    assert inter[-1].shape[0] == 2 * members
+    assert inter[-1].shape[0] == 2  # E^3 too: the members' mean
     only = m.forward_intermediates(x, indices=[0, -1], intermediates_only=True, output_fmt="NLC")
     assert [t.shape[1] for t in only] == [grid[0] * grid[1]] * 2
     info = m.feature_info

@@ -42,13 +42,14 @@ def test_moe_task_adds_the_auxiliary_loss(name):
         return task(x, y)["loss"]
 
     def ce_only():
-        return torch.nn.functional.cross_entropy(model(x), y.repeat_interleave(members))
+        return torch.nn.functional.cross_entropy(model(x, members=True), y.repeat_interleave(members))
 
     def aux_only():
         model(x)
         return model.auxiliary_loss
 
     with_aux = _router_grad(model, task_loss)
+    model.set_auxiliary_loss_gradient(False)  # the parts on their own
     without = _router_grad(model, ce_only)
     with pytest.warns(UserWarning, match="got no gradient"):  # the guard noticed the CE-only step
         aux = _router_grad(model, aux_only)

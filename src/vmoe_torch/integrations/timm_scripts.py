@@ -17,6 +17,7 @@ the model registers our names (see docs/usage.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -24,9 +25,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..models.ensemble import ensemble_log_probs
+from ..convert.timm_checkpoint import read_timm_checkpoint
 from ..models.vit_moe import VisionTransformerMoe
 from ..utils.io import atomic_write_text
+from ..utils.state import state_mismatch
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +60,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("timm-validate", help="top-1/top-5 of a saved model on an ImageFolder split with "
                                              "timm's data pipeline")
     v.add_argument("data_dir")
-    v.add_argument("--checkpoint", required=True, help="save_pretrained / converted directory")
+    v.add_argument("--checkpoint", required=True,
+                   help="save_pretrained / converted directory, or a timm train.py checkpoint (.pth.tar)")
+    v.add_argument("--model", default=None, help="timm model name for a .pth.tar (default: the name it records)")
+    v.add_argument("--use-ema", action="store_true", help="a .pth.tar's EMA weights (state_dict_ema)")
+    v.add_argument("--routing", choices=("batch-independent", "as-trained"), default="batch-independent",
+                   help="batch-independent (default): each image's prediction does not depend on the "
+                        "other images of its batch (dropless top-K, per-image groups otherwise); "
+                        "as-trained: the model's own groups and capacity (results vary with -b)")
     v.add_argument("--split", default="validation")
     v.add_argument("-b", "--batch-size", type=int, default=64)
     v.add_argument("--workers", type=int, default=0)
@@ -156,16 +165,15 @@ def train(args: argparse.Namespace) -> int:
 
 def evaluate_loader(model: torch.nn.Module, loader: Any) -> dict[str, float]:
     """Top-1 / top-5 (%) and the mean loss of `model` over `loader`; an E^3
-    model is scored on its members' averaged probabilities."""
+    model is scored on its members' averaged probabilities (its output)."""
     from timm.utils import accuracy
 
-    members = getattr(model, "ensemble_size", 1)
     model.eval()
     totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0}
     count = 0
     with torch.no_grad():
         for images, targets in loader:
-            log_probs = ensemble_log_probs(model(images), members)
+            log_probs = torch.log_softmax(model(images).float(), dim=-1)  # E^3: already the members' mean
             k = min(5, log_probs.shape[-1])
             top1, top5 = accuracy(log_probs, targets, topk=(1, k))
             n = targets.shape[0]
@@ -178,13 +186,49 @@ def evaluate_loader(model: torch.nn.Module, loader: Any) -> dict[str, float]:
     return {key: value / count for key, value in totals.items()} | {"images": count}
 
 
+def _validation_model(timm: Any, args: argparse.Namespace) -> torch.nn.Module:
+    """The model of `--checkpoint`: a save_pretrained directory, or a timm
+    training checkpoint built as its timm name with the classes and image
+    size it was trained at (weights only; every tensor must match)."""
+    if os.path.isdir(args.checkpoint):
+        return VisionTransformerMoe.from_pretrained(args.checkpoint)
+    ckpt = read_timm_checkpoint(args.checkpoint, args.use_ema)
+    if args.model and ckpt.arch and args.model != ckpt.arch:
+        raise ValueError(f"{os.path.basename(args.checkpoint)} was trained as {ckpt.arch}, not {args.model}: "
+                         "drop --model (the checkpoint's own name is used), or pass the right one.")
+    name = args.model or ckpt.arch
+    if not name:
+        raise ValueError(f"{os.path.basename(args.checkpoint)} does not record its model name (arch): "
+                         "pass --model NAME, the timm name it was trained as.")
+    kwargs: dict[str, Any] = {}
+    if "head.weight" in ckpt.state_dict:
+        kwargs["num_classes"] = int(ckpt.state_dict["head.weight"].shape[0])
+    size = ckpt.args.get("img_size") or (ckpt.args.get("input_size") or [None])[-1]
+    if size:
+        kwargs["img_size"] = int(size)
+    model = timm.create_model(name, **kwargs)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mismatch = state_mismatch(expected, {k: tuple(v.shape) for k, v in ckpt.state_dict.items()},
+                              os.path.basename(args.checkpoint))
+    if mismatch:
+        raise ValueError(f"{os.path.basename(args.checkpoint)} does not fit {name} {kwargs}:{mismatch}\n"
+                         "Pass the --model it was trained as.")
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    return model.eval()
+
+
 def validate(args: argparse.Namespace, results: Optional[dict[str, Any]] = None) -> int:
     timm = _require_timm()
     root = _split_dir(args.data_dir, args.split)
-    model = VisionTransformerMoe.from_pretrained(args.checkpoint)
+    model = _validation_model(timm, args)
     loader = _loader(timm, model, root, args.batch_size, False, args.workers)
-    out: dict[str, Any] = dict(evaluate_loader(model, loader))
-    out.update(checkpoint=args.checkpoint, split=args.split, input_size=list(model.default_cfg["input_size"]),
+    changes = model.batch_independent_routing() \
+        if args.routing == "batch-independent" and isinstance(model, VisionTransformerMoe) else {}
+    with model.routing(**changes) if changes else contextlib.nullcontext():  # type: ignore[operator]
+        out: dict[str, Any] = dict(evaluate_loader(model, loader))
+    out["routing"] = args.routing
+    input_size = list(getattr(model, "pretrained_cfg", {}).get("input_size", ()))
+    out.update(checkpoint=args.checkpoint, split=args.split, input_size=input_size,
                param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 3))
     text = json.dumps(out, indent=2)
     print(text)

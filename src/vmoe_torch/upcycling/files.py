@@ -2,8 +2,8 @@
 
 - `.safetensors`: safetensors (a pickle renamed `.safetensors` is refused
   with a message saying so);
-- `.bin` / `.pth` / `.pt`: `torch.load(weights_only=True)`, which refuses
-  arbitrary objects;
+- `.bin` / `.pth` / `.pt` / `.pth.tar`: `torch.load(weights_only=True)`
+  (`utils.torch_files`), which refuses arbitrary objects;
 - `.npz`: `numpy.load(allow_pickle=False)`;
 - a directory: `model.safetensors` (else `pytorch_model.bin`) with its
   `config.json` (Hugging Face layout).
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..utils.io import looks_like_pickle
+from ..utils.torch_files import UnsafeFileError, load_torch_file
 
 State = dict[str, torch.Tensor]
 
@@ -43,10 +44,9 @@ def load_safetensors(path: str) -> State:
 
 def load_torch(path: str) -> State:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report any failure with the file name
-        raise SourceError(f"Cannot read {path!r} with torch.load(weights_only=True): {e}. "
-                          "Only plain state_dicts of tensors are accepted.") from e
+        obj = load_torch_file(path)
+    except UnsafeFileError as e:
+        raise SourceError(str(e)) from e
     for key in ("state_dict", "model", "module"):  # common training-checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -75,9 +75,9 @@ def load_weights(path: str) -> State:
         raise SourceError(f"{path!r} does not exist.")
     if path.endswith(".safetensors"):
         return load_safetensors(path)
-    if path.endswith((".bin", ".pth", ".pt")):
+    if path.endswith((".bin", ".pth", ".pt", ".pth.tar")):
         return load_torch(path)
-    raise SourceError(f"Unknown weight file type {path!r}: use .safetensors, .bin, .pth, .pt "
+    raise SourceError(f"Unknown weight file type {path!r}: use .safetensors, .bin, .pth, .pt, .pth.tar "
                       "(or .npz for vit_jax).")
 
 
