@@ -29,6 +29,7 @@ from vmoe_torch import save_pretrained
 from vmoe_torch.config import load_config
 from vmoe_torch.train.trainer import Trainer
 from vmoe_torch.upcycling import upcycle
+from vmoe_torch.utils.provenance import file_record
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "..", "configs")
@@ -64,7 +65,7 @@ def main() -> None:
     model = upcycle(init, "ViT-Mi/8, E=8, K=2, Every 1", source_format="vmoe_torch", group_size=800,
                     bfloat16_dispatch=False, importance_loss_weight=0.005, load_loss_weight=0.005)
     up_dir = os.path.join(args.out, "upcycled_init")
-    save_pretrained(model, up_dir, source={"kind": "upcycled", "from": "vmoe_torch", "path": init})
+    save_pretrained(model, up_dir, source={"kind": "upcycled", "from": "vmoe_torch", **file_record(init)})
     upcycle_s = time.perf_counter() - start
     up_eval, up_s = _run("upcycle_digits.yaml", os.path.join(args.out, "upcycled"),
                          seed + [f"train.steps={args.extra}", f"finetune.init={up_dir}"])

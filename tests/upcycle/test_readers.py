@@ -48,9 +48,9 @@ def test_timm_file_equals_timm_forward(kw, tmp_path):
     src = _timm_vit(**kw)
     path = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
-    ours = dense_model(str(path), "timm", num_heads=3)
+    ours = dense_model(str(path), "timm", num_heads=3, normalization="inception")
     with torch.no_grad():
-        ref = src((IMAGES_01 - 0.5) / 0.5)  # timm ViT's default mean/std 0.5
+        ref = src((IMAGES_01 - 0.5) / 0.5)
     torch.testing.assert_close(_ours(ours), ref, rtol=1e-5, atol=1e-5)
     assert ours.config.gelu == "erf" and ours.config.layer_norm_eps == 1e-6
 
@@ -58,8 +58,9 @@ def test_timm_file_equals_timm_forward(kw, tmp_path):
 def test_timm_pth_and_module_and_nonstandard_normalisation(tmp_path):
     src = _timm_vit()
     torch.save(src.state_dict(), tmp_path / "vit.pth")
-    from_file = dense_model(str(tmp_path / "vit.pth"), num_heads=3)          # format detected
-    torch.testing.assert_close(_ours(from_file), _ours(dense_model(src)), rtol=0, atol=0)
+    from_file = dense_model(str(tmp_path / "vit.pth"), num_heads=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    torch.testing.assert_close(_ours(from_file), _ours(dense_model(src, normalization="inception")),
+                               rtol=0, atol=0)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     folded = dense_model(src, mean=mean, std=std)
     with torch.no_grad():
@@ -89,6 +90,9 @@ def test_huggingface_vit_directory_equals_its_forward(cls_name, tmp_path):
     torch.manual_seed(0)
     src = _perturb(getattr(transformers, cls_name)(cfg))
     src.save_pretrained(str(tmp_path / "hf"))   # config.json + model.safetensors
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(
+        '{"image_processor_type": "ViTImageProcessor", "image_mean": [0.5, 0.5, 0.5], '
+        '"image_std": [0.5, 0.5, 0.5], "do_normalize": true, "do_rescale": true}')
     ours = dense_model(str(tmp_path / "hf"), "hf")
     assert ours.config.layer_norm_eps == 1e-12 and ours.config.num_heads == 4
     with torch.no_grad():

@@ -30,6 +30,9 @@ def _timm_source(tmp_path, dim=192, heads=3):
             p.add_(0.02 * torch.randn_like(p))
     path = tmp_path / "dense.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    # As on the Hub: timm's config.json beside the weights records the normalisation.
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architecture": "vit_tiny_patch16_224", "pretrained_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
     return src, str(path)
 
 
@@ -94,8 +97,9 @@ def test_bad_targets_and_sources(tmp_path):
     _, path = _timm_source(tmp_path)
     with pytest.raises(SourceError, match="mismatched width"):
         upcycle(path, "ViT-S/8, E=4, K=2, Layers 1 3")
-    with pytest.raises(SourceError, match="full description"):
-        upcycle(path, "E=4, K=2, Every 2")
+    assert upcycle(path, "E=4, K=2, Every 2").config.moe.layers == tuple(range(1, 12, 2))  # backbone read
+    with pytest.raises(SourceError, match="Unknown option"):
+        upcycle(path, "E=4, K=2, Evry 2")
     with pytest.raises(SourceError, match="no experts"):
         upcycle(path, "ViT-Ti/8")
     with pytest.raises(SourceError, match="already a V-MoE"):
@@ -119,9 +123,24 @@ def test_cli_writes_from_pretrained_with_a_model_card_and_never_half(tmp_path):
     assert "upcycled" in card.lower() and "dense.safetensors" in card and "timm" in card
     meta = json.loads((out / "config.json").read_text())
     assert meta["source"]["kind"] == "upcycled"
+    # The source is recorded by name and content hash, never by a local path.
+    import hashlib
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert meta["source"]["file"] == "dense.safetensors" and meta["source"]["sha256"] == digest
+    assert str(tmp_path) not in card and str(tmp_path) not in (out / "config.json").read_text()
+    assert digest in card
+    # A bare file records no normalisation: the CLI asks for it, then takes it from flags.
+    os.remove(tmp_path / "config.json")
+    bare = _cli("upcycle", path, str(tmp_path / "bare"), "--model", "E=4, K=2, Every 2", check=False)
+    assert bare.returncode != 0 and "--normalization" in bare.stderr and "dense.safetensors" in bare.stderr
+    assert not (tmp_path / "bare").exists()
+    _cli("upcycle", path, str(tmp_path / "bare"), "--model", "E=4, K=2, Every 2",
+         "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5")
+    torch.testing.assert_close(from_pretrained(str(tmp_path / "bare")).blocks[0].attn.qkv.weight,
+                               model.blocks[0].attn.qkv.weight, rtol=0, atol=0)
     # A failing run leaves nothing behind.
     bad = _cli("upcycle", path, str(tmp_path / "bad"), "--from", "timm", "--model", "ViT-S/8, E=4, K=2, Every 2",
-               check=False)
+               "--normalization", "inception", check=False)
     assert bad.returncode != 0 and "mismatched width" in bad.stderr
     assert not (tmp_path / "bad").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".bad")]
@@ -156,7 +175,8 @@ def test_upcycled_model_trains_and_resumes_after_sigkill(tmp_path):
     torch.manual_seed(0)
     src = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
                             num_classes=10)
-    save_pretrained(upcycle(src, _target((0, 1), 4, 2 * 17)), str(tmp_path / "init"))
+    save_pretrained(upcycle(src, _target((0, 1), 4, 2 * 17), read_options={"normalization": "inception"}),
+                    str(tmp_path / "init"))
     sets = TINY_RUN + ["train.steps=30", "train.checkpoint_every=10", "optim.lr=0.001"]
     args = ["finetune", "--init", str(tmp_path / "init"), "--workdir"]
 

@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..convert import load_reference_config, model_from_reference
     from ..convert.released import RELEASED, released_config
+    from ..utils.provenance import file_record
 
     if os.path.exists(args.out_dir) and not args.overwrite:
         raise FileExistsError(f"{args.out_dir!r} already exists; pass --overwrite to replace it.")
@@ -39,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         kwargs = load_reference_config(args.config)
         image_size = args.image_size
-        source = {"kind": "converted", "reference_config": os.path.abspath(args.config)}
+        source = {"kind": "converted", "reference_config": file_record(args.config)}
     start = time.perf_counter()
     model = model_from_reference(args.prefix, kwargs, image_size, allow_nonfinite=args.allow_nonfinite)
-    source["reference_prefix"] = os.path.abspath(args.prefix)
+    source["reference_prefix"] = file_record(args.prefix)
     model.save_pretrained(args.out_dir, overwrite=args.overwrite, source=source)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {n:,} parameters in {time.perf_counter() - start:.1f}s -> {args.out_dir}")

@@ -197,3 +197,29 @@ def soft_moe_config(size: str, patch: int, num_experts: int, num_slots: int,
                        num_layers=bb.num_layers, num_heads=bb.num_heads, mlp_dim=bb.mlp_dim,
                        classifier="gap", head_bias_init=-math.log(num_classes), moe=moe,
                        qk_norm=True)
+
+
+def parse_moe_description(text: str, num_layers: int, tokens_per_image: int) -> MoeConfig:
+    """The MoE part of a description alone, for a backbone that is already
+    known (upcycling reads it from the dense source): "E=8, K=2, Every 2",
+    "E=8, K=1, M=2, Last 2", "E=16, p=1, Second half" (Soft MoE: p slots per
+    expert, one image per group). Settings as in `parse_description`:
+    V-MoE groups hold 8 images' tokens per member, placement defaults to
+    "Every 2" (Soft MoE: "Second half"), auxiliary loss weights 0.005,
+    capacity factor 1.05, bfloat16 dispatch."""
+    if "/" in text or text.strip().lower().startswith(("vit", "v-moe", "vmoe", "soft")):
+        raise ValueError(f"{text!r} names a backbone; give only the MoE part, e.g. 'E=8, K=2, Every 2'.")
+    o = _parse_options([x.strip() for x in text.split(",") if x.strip()], text)
+    if o.experts is None:
+        raise ValueError(f"{text!r} has no number of experts: give E=, e.g. 'E=8, K=2, Every 2'.")
+    if o.slots is not None:
+        if o.k is not None or o.members != 1:
+            raise ValueError(f"{text!r}: a Soft MoE (p=) takes no K= or M=.")
+        layers = _placement(o.layers if o.layers is not None else ("half", 0), num_layers)
+        routing = RoutingConfig(router="soft", num_slots=o.slots, capacity_factor=None)
+        return MoeConfig(layers=layers, num_experts=o.experts, group_size=tokens_per_image, routing=routing)
+    routing = RoutingConfig(num_selected_experts=o.k or 1, capacity_factor=o.capacity_factor,
+                            importance_loss_weight=0.005, load_loss_weight=0.005, bfloat16_dispatch=True)
+    layers = _placement(o.layers if o.layers is not None else ("every", 2), num_layers)
+    return MoeConfig(layers=layers, num_experts=o.experts, group_size=8 * tokens_per_image * o.members,
+                     routing=routing, ensemble_size=o.members)

@@ -51,7 +51,7 @@ def consolidate_checkpoint(path: str, out_dir: str, overwrite: bool = False) -> 
         sharded.consolidate_sharded(path, out_dir, expected, overwrite)
     else:
         VisionTransformerMoe.from_pretrained(path).save_pretrained(
-            out_dir, overwrite, source={"exported_from": os.path.abspath(path)})
+            out_dir, overwrite, source={"exported_from": os.path.basename(os.path.normpath(path))})
 
 
 def _newest_readable(workdir: str, use: Callable[[str], T]) -> tuple[str, T]:

@@ -30,6 +30,13 @@ def _routing_lines(cfg: ModelConfig) -> list[str]:
     return lines
 
 
+def _file(record: Any) -> str:
+    """A recorded source: `name` (sha256 ...) for a file record, else as given."""
+    if isinstance(record, Mapping) and "file" in record:
+        return f"`{record['file']}` (sha256 `{record.get('sha256', '?')}`)"
+    return f"`{record}`"
+
+
 def model_card(cfg: ModelConfig, source: Optional[Mapping[str, Any]] = None) -> str:
     source = dict(source or {})
     kind = source.get("kind", "trained")
@@ -45,14 +52,15 @@ def model_card(cfg: ModelConfig, source: Optional[Mapping[str, Any]] = None) -> 
     lines += _routing_lines(cfg)
     lines += ["", "## Source", ""]
     if kind == "upcycled":
+        origin = _file({k: source[k] for k in ("file", "sha256") if k in source})
         lines += [f"Sparse-upcycled (arXiv 2212.05055) from a dense `{source.get('from')}` ViT: "
-                  f"`{source.get('path')}`. Every expert starts as the dense MLP of its block "
+                  f"{origin}. Every expert starts as the dense MLP of its block "
                   f"(noise std {source.get('noise_std', 0.0)} × rms, seed {source.get('seed', 0)}); "
                   "the routers are new; all other weights are copied."]
         lines += [f"- {note}" for note in source.get("notes", [])]
     elif "reference_checkpoint" in source or "reference_prefix" in source:
         lines += [f"Converted from Google's vmoe checkpoint "
-                  f"`{source.get('reference_checkpoint') or source.get('reference_prefix')}` "
+                  f"{_file(source.get('reference_checkpoint') or source.get('reference_prefix'))} "
                   "(google-research/vmoe, Apache-2.0) with vmoe-torch's JAX-free reader.",
                   "Parity: the converter is checked against reference models (logits within 1e-5 "
                   "relative; see docs/checkpoints.md)."]

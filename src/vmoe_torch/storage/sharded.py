@@ -138,4 +138,4 @@ def consolidate_sharded(path: str, out_dir: str, expected: Optional[Mapping[str,
                 f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
             f.flush()
             os.fsync(f.fileno())
-        write_metadata(tmp, cfg, {"exported_from": os.path.abspath(path)})
+        write_metadata(tmp, cfg, {"exported_from": os.path.basename(os.path.normpath(path))})

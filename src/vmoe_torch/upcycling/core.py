@@ -2,158 +2,25 @@
 weights become a V-MoE whose experts all start as the dense MLP of their
 block, with a freshly initialised router; everything else is copied.
 
-    model = vmoe_torch.upcycle("vit.safetensors", "ViT-B/16, E=8, K=2, Every 2",
-                               source_format="timm", noise_std=0.01, num_classes=10)
+    model = vmoe_torch.upcycle(timm.create_model("deit_small_patch16_224"),
+                               "E=8, K=2, Every 2", noise_std=0.01, num_classes=10)
+
+The backbone (width, depth, heads, patch, GELU, eps, pooling, normalisation)
+is read from the source; the description gives only the MoE part.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping, Optional, Union
 
 import torch
-from torch import nn
 
-from ..config.descriptions import parse_description
+from ..config.descriptions import parse_description, parse_moe_description
 from ..config.model import ModelConfig, MoeConfig
 from ..models.vit_moe import VisionTransformerMoe
-from .files import SourceError, load_json, load_npz, load_weights
-from .readers import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DenseSource,
-    fold_input_normalization,
-    read_hf,
-    read_timm,
-    read_torchvision,
-    read_vit_jax,
-)
-
-FORMATS = ("timm", "torchvision", "hf", "vit_jax", "native", "vmoe_torch")
-Source = Union[str, nn.Module, Mapping[str, Any], DenseSource]
-
-
-def detect_format(keys: list[str]) -> str:
-    """The library a state_dict's key layout comes from."""
-    if any(".mlp.experts." in k or ".mlp.router." in k or "/Moe/" in k for k in keys):
-        raise SourceError("The source is already a V-MoE (it has experts and routers); upcycling "
-                          "needs a dense ViT.")
-    if any(k.startswith("patch_embed.proj") for k in keys) and any(k.startswith("blocks.") for k in keys):
-        return "timm"
-    if "conv_proj.weight" in keys:
-        return "torchvision"
-    if any("embeddings.patch_embeddings" in k for k in keys):
-        return "hf"
-    if "embedding/kernel" in keys or any(k.startswith(("Transformer/", "params/Transformer/")) for k in keys):
-        return "vit_jax"
-    raise SourceError("Unknown key layout: not a timm, torchvision, Hugging Face or vit_jax ViT "
-                      f"(first keys: {sorted(keys)[:5]}). Pass source_format / --from.")
-
-
-def _from_module(module: nn.Module, fmt: Optional[str], **kw: Any) -> DenseSource:
-    state = module.state_dict()
-    fmt = fmt or detect_format(list(state))
-    if fmt == "timm":
-        cfg = getattr(module, "pretrained_cfg", None) or {}
-        heads = module.blocks[0].attn.num_heads  # type: ignore[index,union-attr]
-        return read_timm(state, num_heads=kw.get("num_heads") or heads, image_size=kw.get("image_size"),
-                         mean=kw.get("mean") or cfg.get("mean", (0.5,) * 3),
-                         std=kw.get("std") or cfg.get("std", (0.5,) * 3), where="timm module")
-    if fmt == "torchvision":
-        heads = module.encoder.layers[0].self_attention.num_heads  # type: ignore[index,union-attr]
-        return read_torchvision(state, num_heads=kw.get("num_heads") or heads,
-                                image_size=kw.get("image_size"), mean=kw.get("mean") or IMAGENET_MEAN,
-                                std=kw.get("std") or IMAGENET_STD, where="torchvision module")
-    if fmt == "hf":
-        hf_cfg = module.config.to_dict()  # type: ignore[union-attr,operator]
-        pre = {"image_mean": kw["mean"], "image_std": kw["std"]} if kw.get("mean") else None
-        return read_hf(state, hf_cfg, pre, where="huggingface module")
-    raise SourceError(f"Cannot read a {fmt!r} source from an nn.Module; pass a file.")
-
-
-def read_dense(source: Source, source_format: Optional[str] = None, *, num_heads: Optional[int] = None,
-               image_size: Optional[int] = None, classifier: Optional[str] = None,
-               mean: Optional[tuple[float, ...]] = None, std: Optional[tuple[float, ...]] = None,
-               reference_config: Optional[Mapping[str, Any]] = None) -> DenseSource:
-    """Reads a dense ViT from a file / directory / checkpoint prefix, a
-    state_dict, or a live timm / torchvision / Hugging Face module, with its
-    input normalisation folded in (see `readers`)."""
-    if source_format is not None and source_format not in FORMATS:
-        raise SourceError(f"Unknown source format {source_format!r}; valid: {list(FORMATS)}.")
-    kw = dict(num_heads=num_heads, image_size=image_size, mean=mean, std=std)
-    if isinstance(source, nn.Module):
-        return fold_input_normalization(_from_module(source, source_format, **kw))
-    if isinstance(source, Mapping):
-        fmt = source_format or detect_format(list(source))
-        return fold_input_normalization(_from_state(dict(source), fmt, None, classifier, **kw))
-    path = str(source)
-    if source_format == "native" or (source_format is None and os.path.exists(path + ".index")):
-        return _from_native(path, reference_config)
-    if source_format == "vmoe_torch" or os.path.exists(os.path.join(path, "config.json")) and \
-            (load_json(os.path.join(path, "config.json")) or {}).get("format") == "vmoe-torch":
-        model = VisionTransformerMoe.from_pretrained(path)
-        if model.config.moe is not None:
-            raise SourceError(f"{path!r} is already a V-MoE; upcycling needs a dense model.")
-        return DenseSource(model.config, model.state_dict(), description=f"vmoe-torch {path}")
-    if path.endswith(".npz"):
-        return fold_input_normalization(read_vit_jax(load_npz(path), classifier, image_size,
-                                                     where=f"vit_jax {path}"))
-    state = load_weights(path)
-    fmt = source_format or detect_format(list(state))
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    return fold_input_normalization(_from_state(state, fmt, folder, classifier, **kw))
-
-
-def _from_state(state: dict[str, Any], fmt: str, folder: Optional[str], classifier: Optional[str],
-                **kw: Any) -> DenseSource:
-    where = f"{fmt} {folder}" if folder else fmt
-    given = {k: v for k, v in kw.items() if v is not None and k in ("mean", "std")}
-    if fmt == "timm":
-        return read_timm(state, kw.get("num_heads"), kw.get("image_size"), where=where, **given)
-    if fmt == "torchvision":
-        return read_torchvision(state, kw.get("num_heads"), kw.get("image_size"), where=where, **given)
-    if fmt == "hf":
-        cfg = load_json(os.path.join(folder, "config.json")) if folder else None
-        pre = load_json(os.path.join(folder, "preprocessor_config.json")) if folder else None
-        if given:
-            pre = {"image_mean": given.get("mean"), "image_std": given.get("std")}
-        if cfg is None and kw.get("num_heads"):
-            cfg = {"num_attention_heads": kw["num_heads"]}
-        return read_hf(state, cfg, pre, where=where)
-    if fmt == "vit_jax":
-        import numpy as np
-        return read_vit_jax({k: np.asarray(v) for k, v in state.items()}, classifier, kw.get("image_size"))
-    raise SourceError(f"Source format {fmt!r} needs a file path.")
-
-
-def _from_native(prefix: str, reference_config: Optional[Mapping[str, Any]]) -> DenseSource:
-    from ..convert.reference import load_reference_config, model_from_reference
-    if reference_config is None:
-        path = os.path.join(os.path.dirname(prefix), "config.json")
-        if not os.path.exists(path):
-            raise SourceError(f"A native checkpoint {prefix!r} needs its reference config "
-                              "(config.json beside it, or --config).")
-        reference_config = load_reference_config(path)
-    model = model_from_reference(prefix, reference_config)
-    if model.config.moe is not None:
-        raise SourceError(f"{prefix!r} is already a V-MoE; upcycling needs a dense model.")
-    return DenseSource(model.config, model.state_dict(), description=f"vmoe native {prefix}")
-
-
-def dense_model(source: Source, source_format: Optional[str] = None, **kw: Any) -> VisionTransformerMoe:
-    """Our dense twin of a dense ViT source, in eval mode (inputs in [-1, 1])."""
-    src = read_dense(source, source_format, **kw)
-    model = VisionTransformerMoe(src.config)
-    _load(model, src.state)
-    return model.eval()
-
-
-def _load(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    from ..storage.pretrained import load_state_strict
-    try:
-        load_state_strict(model, state)
-    except ValueError as e:
-        raise SourceError(str(e)) from e
+from .files import SourceError
+from .readers import DenseSource
+from .sources import Source, load_into, read_dense
 
 
 def _target_moe(dense: ModelConfig, model: Union[str, MoeConfig, ModelConfig]) -> MoeConfig:
@@ -165,15 +32,20 @@ def _target_moe(dense: ModelConfig, model: Union[str, MoeConfig, ModelConfig]) -
     if isinstance(model, MoeConfig):
         return model
     if "/" not in model:
-        raise SourceError(f"{model!r}: give a full description such as 'ViT-B/16, E=8, K=2, Every 2' "
-                          "(its backbone is checked against the source) or a MoeConfig.")
+        try:
+            moe = parse_moe_description(model, dense.num_layers, dense.tokens_per_image)
+        except ValueError as e:
+            raise SourceError(str(e)) from e
+        moe.validate(dense.num_layers)
+        return moe
+    # A full paper description: its backbone must be the source's.
     parsed = parse_description(model, num_classes=max(dense.num_classes, 1), image_size=dense.image_size[0])
     if parsed.moe is None:
         raise SourceError(f"{model!r} has no experts (E=...).")
     _check_backbone(dense, parsed)
+    members = parsed.moe.ensemble_size
     # 8 images per routing group (the paper's) at the source's token count.
-    group = 8 * dense.tokens_per_image * parsed.moe.ensemble_size
-    return dataclasses.replace(parsed.moe, group_size=group)
+    return dataclasses.replace(parsed.moe, group_size=8 * dense.tokens_per_image * members)
 
 
 def _check_backbone(dense: ModelConfig, target: ModelConfig) -> None:
@@ -181,8 +53,11 @@ def _check_backbone(dense: ModelConfig, target: ModelConfig) -> None:
     bad = [f"{f}: source {getattr(dense, f)} vs target {getattr(target, f)}" for f in fields
            if getattr(dense, f) != getattr(target, f)]
     if bad:
-        raise SourceError("The target model does not have the source's backbone (mismatched "
-                          f"width/depth): {bad}. Describe the source's size, e.g. 'ViT-B/16, ...'.")
+        raise SourceError(
+            "The described backbone is not the source's (mismatched width/depth): "
+            f"{bad}. The source's backbone is read from it ({dense.hidden_size} wide, {dense.num_layers} "
+            f"blocks, {dense.num_heads} heads, patch {dense.patch_size[0]}): give only the MoE part, "
+            "e.g. 'E=8, K=2, Every 2'.")
 
 
 @torch.no_grad()
@@ -196,23 +71,30 @@ def upcycle(source: Source, model: Union[str, MoeConfig, ModelConfig], *, source
       source: a weight file / directory / native prefix, a state_dict, a
         timm / torchvision / Hugging Face module (see `read_dense`), or a
         `DenseSource` that `read_dense` already returned.
-      model: a description with the source's backbone ("ViT-B/16, E=8, K=2,
-        Every 2", "... Last 2", "... Layers 1 3", "... M=2" for E^3), or a
-        MoeConfig / ModelConfig.
+      model: the MoE part ("E=8, K=2, Every 2", "E=8, K=1, M=2, Last 2" for
+        E^3, "E=16, p=1" for Soft MoE, "... Layers 1 3"; the backbone is the
+        source's), a full description whose backbone must be the source's
+        ("ViT-B/16, E=8, K=2, Every 2"), or a MoeConfig / ModelConfig.
       noise_std: each expert's weights get N(0, (noise_std * rms(W))^2) noise
         (seeded by `seed`, independent per expert) to break their symmetry;
         0 keeps exact copies.
       num_classes: a new, zero-initialised head with this many classes (the
         source's head is kept when None or equal).
       group_size: tokens per routing group (default 8 images).
+      read_options: `read_dense` options (mean=/std=/normalization=,
+        num_heads=, image_size=, ...).
       **routing: RoutingConfig changes, e.g. router="expert_choice",
         capacity_factor=2.0, num_selected_experts=1, batch_priority=True.
+        Dispatch is float32 unless bfloat16_dispatch=True: the upcycled model
+        then computes the dense model exactly (to float32 rounding) when every
+        token reaches every expert (K = E, nothing dropped).
     """
     src = source if isinstance(source, DenseSource) else read_dense(source, source_format,
                                                                     **dict(read_options or {}))
     if src.config.moe is not None:
         raise SourceError("The source is already a V-MoE.")
     moe = _target_moe(src.config, model)
+    routing = {"bfloat16_dispatch": False, **routing}
     moe = dataclasses.replace(moe, routing=moe.routing.updated(**routing),
                               group_size=group_size if group_size is not None else moe.group_size)
     if moe.mlp_dim not in (None, src.config.mlp_dim):
@@ -223,7 +105,7 @@ def upcycle(source: Source, model: Union[str, MoeConfig, ModelConfig], *, source
                               head_kernel_zero_init=True)
     torch.manual_seed(seed)  # the router's fresh initialisation
     out = VisionTransformerMoe(cfg)
-    _load(out, upcycled_state(src.state, cfg, out.state_dict(), noise_std, seed))
+    load_into(out, upcycled_state(src.state, cfg, out.state_dict(), noise_std, seed))
     if num_classes is not None and num_classes != cfg.num_classes:
         out.reset_classifier(num_classes)
     return out.eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -42,17 +43,38 @@ def load_safetensors(path: str) -> State:
                           f"{e}") from e
 
 
-def load_torch(path: str) -> State:
+@dataclass
+class WeightFile:
+    """The tensors of one weight file, the file itself, and what a training
+    checkpoint recorded beside them (timm train.py's `arch` and `args`)."""
+
+    state: State
+    file: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_torch(path: str) -> WeightFile:
     try:
         obj = load_torch_file(path)
     except UnsafeFileError as e:
         raise SourceError(str(e)) from e
+    meta: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        if isinstance(obj.get("arch"), str):
+            meta["arch"] = obj["arch"]
+        if hasattr(obj.get("args"), "__dict__"):
+            meta["args"] = dict(vars(obj["args"]))
     for key in ("state_dict", "model", "module"):  # common training-checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SourceError(f"{path!r} does not hold a state_dict of tensors.")
-    return dict(obj)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return WeightFile(state, path, meta)
+
+
+def load_torch(path: str) -> State:
+    return _load_torch(path).state
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
@@ -63,22 +85,35 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
         raise SourceError(f"Cannot read {path!r} as a numpy .npz archive (without pickle): {e}") from e
 
 
-def load_weights(path: str) -> State:
-    """A state_dict from a .safetensors / .bin / .pth / .pt file or a Hugging
-    Face model directory."""
+def weight_file(path: str) -> str:
+    """The weight file `path` names: itself, or in a model directory
+    model.safetensors (else pytorch_model.bin)."""
     if os.path.isdir(path):
         for name in ("model.safetensors", "pytorch_model.bin"):
             if os.path.exists(os.path.join(path, name)):
-                return load_weights(os.path.join(path, name))
+                return os.path.join(path, name)
         raise SourceError(f"{path!r} has neither model.safetensors nor pytorch_model.bin.")
     if not os.path.exists(path):
         raise SourceError(f"{path!r} does not exist.")
-    if path.endswith(".safetensors"):
-        return load_safetensors(path)
-    if path.endswith((".bin", ".pth", ".pt", ".pth.tar")):
-        return load_torch(path)
-    raise SourceError(f"Unknown weight file type {path!r}: use .safetensors, .bin, .pth, .pt, .pth.tar "
+    return path
+
+
+def read_weight_file(path: str) -> WeightFile:
+    """The state_dict in a .safetensors / .bin / .pth / .pt / .pth.tar file or
+    a Hugging Face / timm model directory, with the file's name."""
+    file = weight_file(path)
+    if file.endswith(".safetensors"):
+        return WeightFile(load_safetensors(file), file)
+    if file.endswith((".bin", ".pth", ".pt", ".pth.tar")):
+        return _load_torch(file)
+    raise SourceError(f"Unknown weight file type {file!r}: use .safetensors, .bin, .pth, .pt, .pth.tar "
                       "(or .npz for vit_jax).")
+
+
+def load_weights(path: str) -> State:
+    """A state_dict from a .safetensors / .bin / .pth / .pt file or a Hugging
+    Face model directory."""
+    return read_weight_file(path).state
 
 
 def load_json(path: str) -> Optional[dict[str, Any]]:

@@ -3,9 +3,10 @@ big_vision into our dense twin (`VisionTransformerMoe` with `moe=None`).
 
 Every reader maps names and layouts explicitly, checks that every source
 tensor was used (a partial load is never silent) and returns a `DenseSource`:
-our `ModelConfig`, the state_dict in our names, and the input normalisation
-the source model expects. `to_model_range` then folds that normalisation into
-the patch embedding, so the dense twin takes images in [-1, 1] like every
+our `ModelConfig`, the state_dict in our names, and, where the format fixes
+it, the input normalisation the source model expects (`normalization`
+resolves the rest). `fold_input_normalization` then folds it into the patch
+embedding, so the dense twin takes images in [-1, 1] like every
 model of this library and computes what the source computes on its own
 normalised inputs.
 
@@ -18,8 +19,12 @@ Differences handled (and where):
 - timm's `fc_norm` (norm after average pooling) -> `norm_after_pool`;
 - pooler / representation layers (HF `pooler`, torchvision `heads.pre_logits`,
   timm `pre_logits.fc`, vit_jax `pre_logits`) -> our Dense+tanh `pre_logits`;
-- input mean/std: timm's pretrained_cfg (0.5 for the original ViTs),
-  torchvision's ImageNet statistics, HF's preprocessor config (0.5), vit_jax [-1, 1].
+- Hugging Face's two key layouts: `save_pretrained` files
+  (`vit.encoder.layer.N.attention.attention.query`) and transformers 5.x
+  modules in memory (`vit.layers.N.attention.q_proj`);
+- input mean/std: fixed by the format for torchvision (ImageNet) and vit_jax
+  ([-1, 1]); for timm and Hugging Face it is where the source records it
+  (see `normalization`).
 """
 from __future__ import annotations
 
@@ -33,9 +38,8 @@ import torch
 
 from ..config.model import ModelConfig
 from .files import SourceError, State
+from .normalization import HALF, IMAGENET_MEAN, IMAGENET_STD, Normalization
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-HALF = (0.5, 0.5, 0.5)
 # Heads of the standard ViT widths, used when a fused-qkv source does not say.
 STANDARD_HEADS = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
 
@@ -44,8 +48,7 @@ STANDARD_HEADS = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16, 1408: 16,
 class DenseSource:
     config: ModelConfig
     state: State
-    mean: Sequence[float] = HALF
-    std: Sequence[float] = HALF
+    normalization: Optional[Normalization] = None  # None: not known yet
     description: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -126,10 +129,32 @@ def _block(out: State, i: int, get: Callable[[str], torch.Tensor], names: Mappin
 
 
 # ------------------------------------------------------------------ timm
+_NOT_A_VIT = {r"relative_position_bias_table|^layers\.\d+\.blocks\.": "a Swin Transformer",
+              r"^stages\.\d+\.|^stem\.": "a hierarchical / convolutional model (stages, stem)",
+              r"\.conv_dw\.|^levels\.": "a hybrid or convolutional model"}
+
+
+def reject_non_vit(state: Mapping[str, Any], where: str) -> None:
+    """A clear refusal for models that are not plain ViTs (Swin, ConvNeXt...),
+    whose keys would otherwise only be "an unknown layout"."""
+    for pattern, what in _NOT_A_VIT.items():
+        if any(re.search(pattern, k) for k in state):
+            raise SourceError(f"{where}: this is {what}, not a plain Vision Transformer; upcycling "
+                              "reads ViTs (timm VisionTransformer / DeiT, torchvision vit_*, Hugging "
+                              "Face ViTModel, vit_jax) only. Nothing was loaded.")
+
+
 def read_timm(state: Mapping[str, Any], num_heads: Optional[int] = None, image_size: Optional[int] = None,
-              mean: Sequence[float] = HALF, std: Sequence[float] = HALF, where: str = "timm") -> DenseSource:
-    """timm `VisionTransformer` state_dict (global_pool 'token', or 'avg'
-    without a class token)."""
+              where: str = "timm") -> DenseSource:
+    """timm `VisionTransformer` / DeiT state_dict (global_pool 'token', or
+    'avg' without a class token); the normalisation is left to the caller."""
+    reject_non_vit(state, where)
+    if "dist_token" in state or any(k.startswith("head_dist.") for k in state):
+        raise SourceError(f"{where}: a distilled DeiT (dist_token, head_dist) has a second prefix token "
+                          "and head that this library's ViT does not have. Use the non-distilled DeiT "
+                          "(deit_*_patch16_224), or remove 'dist_token' and 'head_dist.*' from the "
+                          "state_dict yourself (its class-token head then stands alone: its accuracy "
+                          "changes).")
     _reject(state, {r"^reg_token": "register tokens (reg_tokens > 0)",
                     r"\.ls[12]\.gamma$": "layer scale (init_values)",
                     r"attn\.[qk]_norm\.": "timm's qk-norm (LayerNorm with bias)",
@@ -180,14 +205,18 @@ def read_timm(state: Mapping[str, Any], num_heads: Optional[int] = None, image_s
         image_size=_grid_image_size(pos.shape[1] - prefix, patch, image_size, where),
         classifier="token" if cls else "gap", representation_size=rep, head_kernel_zero_init=False,
         gelu="erf", norm_after_pool=fc_norm, in_chans=int(w.shape[1]))
-    return DenseSource(cfg, out, mean, std, where)
+    return DenseSource(cfg, out, None, where)
 
 
 # ----------------------------------------------------------- torchvision
+TORCHVISION = Normalization(IMAGENET_MEAN, IMAGENET_STD, "torchvision's ViT weights: ImageNet statistics")
+
+
 def read_torchvision(state: Mapping[str, Any], num_heads: Optional[int] = None,
-                     image_size: Optional[int] = None, mean: Sequence[float] = IMAGENET_MEAN,
-                     std: Sequence[float] = IMAGENET_STD, where: str = "torchvision") -> DenseSource:
-    """torchvision `VisionTransformer` (vit_b_16, ...) state_dict."""
+                     image_size: Optional[int] = None, where: str = "torchvision") -> DenseSource:
+    """torchvision `VisionTransformer` (vit_b_16, ...) state_dict; every
+    torchvision ViT weight set uses the ImageNet statistics."""
+    reject_non_vit(state, where)
     t = _Taker(state, where)
     out: State = {}
     w = t("conv_proj.weight")
@@ -221,28 +250,58 @@ def read_torchvision(state: Mapping[str, Any], num_heads: Optional[int] = None,
         num_heads=_heads(dim, num_heads, where), mlp_dim=out["blocks.0.mlp.fc1.weight"].shape[0],
         image_size=_grid_image_size(pos.shape[1] - 1, patch, image_size, where), classifier="token",
         representation_size=rep, head_kernel_zero_init=False, gelu="erf", in_chans=int(w.shape[1]))
-    return DenseSource(cfg, out, mean, std, where)
+    return DenseSource(cfg, out, TORCHVISION, where)
 
 
 # ------------------------------------------------------- Hugging Face ViT
 _HF_GELU = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 
 
+# Our block suffix -> the block's source name, per Hugging Face key layout.
+_HF_LAYOUTS = {
+    "encoder.layer": {"q": "attention.attention.query", "k": "attention.attention.key",
+                      "v": "attention.attention.value", "attn.proj": "attention.output.dense",
+                      "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"},
+    "layers": {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
+               "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"},
+}
+
+
+def _hf_layout(state: Mapping[str, Any], p: str, where: str) -> str:
+    for layout in _HF_LAYOUTS:
+        if any(k.startswith(f"{p}{layout}.") for k in state):
+            return layout
+    raise SourceError(f"{where}: no transformer blocks found under {p!r} (neither "
+                      f"'{p}encoder.layer.N' as save_pretrained writes nor '{p}layers.N' as "
+                      "transformers 5.x modules name them).")
+
+
 def read_hf(state: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None,
-            preprocessor: Optional[Mapping[str, Any]] = None, where: str = "huggingface") -> DenseSource:
-    """Hugging Face `ViTModel` / `ViTForImageClassification` state_dict with
-    its config.json (and preprocessor_config.json for mean/std)."""
+            where: str = "huggingface") -> DenseSource:
+    """Hugging Face `ViTModel` / `ViTForImageClassification` state_dict (either
+    key layout) with its config (a dict); the normalisation is left to the
+    caller (preprocessor_config.json, or given)."""
     config = dict(config or {})
-    if config.get("model_type", "vit") != "vit":
-        raise SourceError(f"{where}: model_type {config.get('model_type')!r} is not 'vit'.")
+    kind = config.get("model_type", "vit")
+    if kind == "deit":
+        raise SourceError(f"{where}: a Hugging Face DeiT model (model_type 'deit') has a distillation "
+                          "token and head that this library's ViT does not have. The non-distilled DeiTs "
+                          "are ViTs on the Hub (model_type 'vit', e.g. facebook/deit-small-patch16-224): "
+                          "use one of those.")
+    if kind != "vit":
+        raise SourceError(f"{where}: model_type {kind!r} is not a plain Vision Transformer ('vit'); "
+                          "upcycling reads ViTs only.")
     act = config.get("hidden_act", "gelu")
     if act not in _HF_GELU:
         raise SourceError(f"{where}: hidden_act {act!r} is not supported; supported: {sorted(_HF_GELU)}.")
     p = "vit." if any(k.startswith("vit.") for k in state) else ""
+    _reject(state, {r"embeddings\.mask_token": "a mask token (masked image modelling)",
+                    r"distillation_token|^distillation_classifier": "a distilled DeiT (distillation token)"},
+            where)
+    layout = _HF_LAYOUTS[_hf_layout(state, p, where)]
     t = _Taker(state, where)
     out: State = {}
     e = f"{p}embeddings"
-    _reject(state, {r"embeddings\.mask_token": "a mask token (masked image modelling)"}, where)
     w = t(f"{e}.patch_embeddings.projection.weight")
     dim, patch = w.shape[0], (int(w.shape[2]), int(w.shape[3]))
     out["patch_embed.proj.weight"] = w
@@ -250,23 +309,18 @@ def read_hf(state: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None
     out["cls_token"] = t(f"{e}.cls_token")
     pos = t(f"{e}.position_embeddings")
     out["pos_embed"] = pos
-    layers = _count_blocks(list(t.state), rf"{re.escape(p)}encoder\.layer\.(\d+)\.")
+    prefix = f"{p}encoder.layer" if layout is _HF_LAYOUTS["encoder.layer"] else f"{p}layers"
+    layers = _count_blocks(list(t.state), rf"{re.escape(prefix)}\.(\d+)\.")
     for i in range(layers):
-        b = f"{p}encoder.layer.{i}"
-        a = f"{b}.attention.attention"
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([t(f"{a}.{n}.weight") for n in ("query", "key", "value")])
-        biases = [f"{a}.{n}.bias" for n in ("query", "key", "value")]
-        out[f"blocks.{i}.attn.qkv.bias"] = (torch.cat([t(n) for n in biases]) if t.has(biases[0])
+        b = f"{prefix}.{i}"
+        qkv = [f"{b}.{layout[n]}" for n in "qkv"]
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([t(f"{n}.weight") for n in qkv])
+        out[f"blocks.{i}.attn.qkv.bias"] = (torch.cat([t(f"{n}.bias") for n in qkv]) if t.has(f"{qkv[0]}.bias")
                                             else torch.zeros(3 * dim))
-        _block(out, i, t, {"norm1.weight": f"{b}.layernorm_before.weight",
-                           "norm1.bias": f"{b}.layernorm_before.bias",
-                           "attn.proj.weight": f"{b}.attention.output.dense.weight",
-                           "attn.proj.bias": f"{b}.attention.output.dense.bias",
-                           "norm2.weight": f"{b}.layernorm_after.weight",
-                           "norm2.bias": f"{b}.layernorm_after.bias",
-                           "mlp.fc1.weight": f"{b}.intermediate.dense.weight",
-                           "mlp.fc1.bias": f"{b}.intermediate.dense.bias",
-                           "mlp.fc2.weight": f"{b}.output.dense.weight", "mlp.fc2.bias": f"{b}.output.dense.bias"})
+        names = {"norm1": "layernorm_before", "norm2": "layernorm_after",
+                 **{k: v for k, v in layout.items() if k not in "qkv"}}
+        _block(out, i, t, {f"{ours}.{x}": f"{b}.{theirs}.{x}" for ours, theirs in names.items()
+                           for x in ("weight", "bias")})
     out["norm.weight"], out["norm.bias"] = t(f"{p}layernorm.weight"), t(f"{p}layernorm.bias")
     rep = None
     if t.has(f"{p}pooler.dense.weight"):  # ViTModel's pooler: tanh(Dense(token 0))
@@ -279,7 +333,6 @@ def read_hf(state: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None
         classes = out["head.weight"].shape[0]
     t.check_all_used()
     heads = int(config.get("num_attention_heads") or _heads(dim, None, where))
-    pre = dict(preprocessor or {})
     cfg = ModelConfig(
         num_classes=classes, patch_size=patch, hidden_size=dim, num_layers=layers, num_heads=heads,
         mlp_dim=out["blocks.0.mlp.fc1.weight"].shape[0],
@@ -287,7 +340,7 @@ def read_hf(state: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None
         classifier="token", representation_size=rep, head_kernel_zero_init=False,
         layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)), gelu=_HF_GELU[act],  # type: ignore[arg-type]
         in_chans=int(w.shape[1]))
-    return DenseSource(cfg, out, pre.get("image_mean", HALF), pre.get("image_std", HALF), where)
+    return DenseSource(cfg, out, None, where)
 
 
 # ------------------------------------------------------ vit_jax / big_vision
@@ -358,7 +411,7 @@ def read_vit_jax(params: Mapping[str, np.ndarray], classifier: Optional[str] = N
         classifier=classifier,  # type: ignore[arg-type]
         representation_size=state["pre_logits.weight"].shape[0] if "pre_logits.weight" in state else None,
         head_kernel_zero_init=False, in_chans=int(w.shape[1]))
-    return DenseSource(cfg, state, HALF, HALF, where)
+    return DenseSource(cfg, state, Normalization(HALF, HALF, "vit_jax: inputs in [-1, 1]"), where)
 
 
 # ------------------------------------------------------------ shared step
@@ -366,17 +419,23 @@ def fold_input_normalization(src: DenseSource) -> DenseSource:
     """Rewrites the patch embedding so that images in [-1, 1] give what the
     source computes on (x01 - mean) / std: with x01 = (x + 1) / 2,
     W' = W / (2 std_c) and b' = b + sum W[:, c] (0.5 - mean_c) / std_c."""
-    mean = torch.tensor(src.mean, dtype=torch.float64).view(1, -1, 1, 1)
-    std = torch.tensor(src.std, dtype=torch.float64).view(1, -1, 1, 1)
-    if torch.allclose(mean, torch.full_like(mean, 0.5)) and torch.allclose(std, torch.full_like(std, 0.5)):
-        return src
+    norm = src.normalization
+    if norm is None:
+        raise SourceError(f"{src.description}: the input normalisation is not resolved "
+                          "(normalization.resolve) before folding.")
+    mean = torch.tensor(norm.mean, dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.tensor(norm.std, dtype=torch.float64).view(1, -1, 1, 1)
+    ours = Normalization(HALF[:1] * mean.shape[1], HALF[:1] * mean.shape[1], "this library: inputs in [-1, 1]")
     w = src.state["patch_embed.proj.weight"].double()
-    b = src.state["patch_embed.proj.bias"].double()
     if w.shape[1] != mean.shape[1]:
-        raise SourceError(f"{src.description}: {mean.shape[1]} mean/std values for {w.shape[1]} channels.")
+        raise SourceError(f"{src.description}: {mean.shape[1]} mean/std values ({norm.origin}) for "
+                          f"{w.shape[1]} input channels.")
+    note = f"{norm.describe()}"
+    if torch.equal(mean, torch.full_like(mean, 0.5)) and torch.equal(std, torch.full_like(std, 0.5)):
+        return DenseSource(src.config, src.state, ours, src.description, src.notes + [note])
+    b = src.state["patch_embed.proj.bias"].double()
     state = dict(src.state)
     state["patch_embed.proj.weight"] = (w / (2 * std)).float()
     state["patch_embed.proj.bias"] = (b + (w * (0.5 - mean) / std).sum(dim=(1, 2, 3))).float()
-    return DenseSource(src.config, state, HALF, HALF, src.description,
-                       src.notes + [f"input mean {tuple(src.mean)} / std {tuple(src.std)} folded "
-                                    "into the patch embedding (inputs in [-1, 1])"])
+    return DenseSource(src.config, state, ours, src.description,
+                       src.notes + [note + ", folded into the patch embedding (inputs in [-1, 1])"])
