@@ -247,9 +247,18 @@ def _split(shape: tuple[int, ...], itemsize: int, max_chunk_bytes: Optional[int]
     return chunks
 
 
+def existing_checkpoint_files(prefix: str) -> list[str]:
+    """`prefix.index` and `prefix.data-*` files that exist."""
+    folder, stem = os.path.split(os.path.abspath(prefix))
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if n == f"{stem}.index" or n.startswith(f"{stem}.data-"))
+
+
 def write_reference_checkpoint(prefix: str, params: Mapping[str, np.ndarray], num_shards: int = 1,
                                max_chunk_bytes: Optional[int] = None,
-                               expert_axis_chunks: int = 1) -> None:
+                               expert_axis_chunks: int = 1, overwrite: bool = True) -> None:
     """Writes {'/'-joined name: array} in vmoe's native format, readable by
     `vmoe.checkpoints.partitioned.restore_checkpoint`.
 
@@ -258,11 +267,19 @@ def write_reference_checkpoint(prefix: str, params: Mapping[str, np.ndarray], nu
       max_chunk_bytes: split larger chunks (None: no limit).
       expert_axis_chunks: split arrays under a `/Moe/Mlp/` path into this many
         chunks along the expert axis, as an expert-sharded run would.
+      overwrite: replace a checkpoint already at `prefix` (else FileExistsError
+        before anything is written).
     Shards are written first and the index last, each atomically, so a
-    reader never sees an index whose shards are not all complete.
+    reader never sees an index whose shards are not all complete; a failure
+    part-way removes the shards this call wrote, and a successful overwrite
+    removes the old checkpoint's other shards.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
+    before = existing_checkpoint_files(prefix)
+    if before and not overwrite:
+        raise FileExistsError(f"A checkpoint is already at {prefix!r} ({os.path.basename(before[0])}, ...); "
+                              "pass overwrite=True (--overwrite) to replace it.")
     Path(os.path.dirname(os.path.abspath(prefix))).mkdir(parents=True, exist_ok=True)
     names = sorted(params, key=lambda n: n.split("/"))
     # jax's order: depth-first with sorted keys == sorting the split paths.
@@ -290,9 +307,22 @@ def write_reference_checkpoint(prefix: str, params: Mapping[str, np.ndarray], nu
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = info
-    for k in range(num_shards):
-        doc = {MAGIC: True, **shard_content[k]}
-        atomic_write_bytes(shard_path(prefix, k, num_shards), msgpack.packb(doc, use_bin_type=True))
-        shard_content[k] = {}
-    index = {"version": VERSION, "shard_count": num_shards, "index": tree}
-    atomic_write_bytes(f"{prefix}.index", msgpack.packb(index, use_bin_type=True))
+    written: list[str] = []
+    try:
+        for k in range(num_shards):
+            doc = {MAGIC: True, **shard_content[k]}
+            path = shard_path(prefix, k, num_shards)
+            atomic_write_bytes(path, msgpack.packb(doc, use_bin_type=True))
+            written.append(path)
+            shard_content[k] = {}
+        index = {"version": VERSION, "shard_count": num_shards, "index": tree}
+        atomic_write_bytes(f"{prefix}.index", msgpack.packb(index, use_bin_type=True))
+    except BaseException:
+        for path in written:
+            if os.path.abspath(path) not in before:
+                os.unlink(path)
+        raise
+    new = {os.path.abspath(p) for p in written} | {os.path.abspath(f"{prefix}.index")}
+    for stale in before:
+        if stale not in new:
+            os.unlink(stale)

@@ -95,11 +95,25 @@ def model_from_reference(prefix: str, model_config: Mapping[str, Any],
 
 
 def model_to_reference(model: VisionTransformerMoe, prefix: str, num_shards: int = 1,
-                       max_chunk_bytes: Optional[int] = None) -> dict[str, Any]:
-    """Writes `model` in the native format; returns the reference kwargs."""
+                       max_chunk_bytes: Optional[int] = None, overwrite: bool = False,
+                       allow_nonfinite: bool = False) -> dict[str, Any]:
+    """Writes `model` in the native format; returns the reference kwargs.
+
+    Everything that can refuse (settings the reference cannot express, names
+    with no mapping, NaN/Inf weights, an existing checkpoint at `prefix`
+    without `overwrite`) is checked before the first byte is written, and a
+    write that fails part-way removes what it wrote."""
+    kwargs = config_to_reference(model.config)  # raises for what the reference cannot express
     state = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
+    if not allow_nonfinite:
+        bad = [k for k, v in state.items() if not np.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{len(bad)} tensors hold NaN or Inf values ({', '.join(bad[:3])}): the model "
+                             f"diverged. Nothing was written to {prefix!r}; pass allow_nonfinite=True to "
+                             "write it anyway.")
     cfg = model.config
     ensemble = cfg.moe.ensemble_size if cfg.moe is not None else 1
-    write_reference_checkpoint(prefix, torch_to_reference(state, cfg.num_heads, ensemble),
-                               num_shards=num_shards, max_chunk_bytes=max_chunk_bytes)
-    return config_to_reference(cfg)
+    params = torch_to_reference(state, cfg.num_heads, ensemble)
+    write_reference_checkpoint(prefix, params, num_shards=num_shards, max_chunk_bytes=max_chunk_bytes,
+                               overwrite=overwrite)
+    return kwargs
