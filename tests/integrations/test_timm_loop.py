@@ -165,3 +165,32 @@ def test_timm_run_runs_a_script_with_our_models_registered(tmp_path, capsys, mon
     assert "argv ['vmoe_mi4_every2_e8_k2', '0'] VisionTransformerMoe 3" in capsys.readouterr().out
     assert main(["timm-run", str(script), "vmoe_mi4_every2_e8_k2", "3"]) == 3
     assert main(["timm-run", os.path.join(str(tmp_path), "none.py")]) == 2
+
+
+def test_an_upcycled_model_goes_through_train_py_as_vmoe_pretrained(tmp_path, digits, capsys):
+    """train.py --model vmoe_pretrained --pretrained --pretrained-path DIR:
+    the architecture comes from DIR; timm-validate reads the checkpoint back
+    through the path train.py recorded (or --pretrained-path)."""
+    source = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=7)
+    vmoe_torch.save_pretrained(vmoe_torch.upcycle(source, "E=4, K=2, Every 2"), str(tmp_path / "up"))
+    model = timm.create_model("vmoe_pretrained", pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay={"file": str(tmp_path / "up"), "num_classes": -1})
+    assert model.num_classes == 10 and model.config.gelu == "erf"
+    loss = F.cross_entropy(model.train()(torch.rand(4, 3, 32, 32) * 2 - 1), torch.arange(4))
+    loss.backward()
+    assert all(layer.router.weight.grad.abs().sum() > 0 for layer in model.moe_layers().values())
+    args = argparse.Namespace(model="vmoe_pretrained", num_classes=10, img_size=None, input_size=None,
+                              pretrained_path=str(tmp_path / "up"))
+    saver = timm.utils.CheckpointSaver(model, timm.optim.create_optimizer_v2(model, opt="sgd", lr=0.1),
+                                       args=args, checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    out = tmp_path / "r.json"
+    assert main(["timm-validate", str(digits), "--checkpoint", str(tmp_path / "last.pth.tar"),
+                 "--results-file", str(out)]) == 0
+    assert json.loads(out.read_text())["images"] == 80
+    os.rename(tmp_path / "up", tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["timm-validate", str(digits), "--checkpoint", str(tmp_path / "last.pth.tar")]) == 2
+    assert "--pretrained-path" in capsys.readouterr().err
+    assert main(["timm-validate", str(digits), "--checkpoint", str(tmp_path / "last.pth.tar"),
+                 "--pretrained-path", str(tmp_path / "moved")]) == 0

@@ -14,24 +14,27 @@ keyword arguments. Names (see `timm_names()`):
 `pretrained=True` loads local files only: pass
 `pretrained_cfg_overlay={"file": PATH}` where PATH is a converted /
 `save_pretrained` directory or its `model.safetensors`. Nothing is fetched.
+Its config.json is checked against the preset and the keywords as
+`from_pretrained` checks it (`timm_pretrained`); the name `vmoe_pretrained`
+takes the whole architecture from PATH (any saved model, upcycled ones
+included: `train.py --model vmoe_pretrained --pretrained --pretrained-path DIR`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
-from ..config.catalogue import CATALOGUE, override_config
+from ..config.catalogue import CATALOGUE
 from ..config.model import ModelConfig
-from ..models.timm_contract import POOLS, default_pretrained_cfg
+from ..models.timm_contract import default_pretrained_cfg
 from ..models.vit_moe import VisionTransformerMoe
+from ..storage.pretrained import read_config
+from .timm_kwargs import config_for
+from .timm_pretrained import GENERIC, build_from_dir, pretrained_dir
 
-# timm keyword -> our config field.
-_TIMM_KWARGS = {"img_size": "image_size", "drop_rate": "dropout_rate", "attn_drop_rate": "attention_dropout_rate",
-                "drop_path_rate": "drop_path_rate", "dynamic_img_size": "dynamic_img_size",
-                "num_classes": "num_classes", "in_chans": "in_chans", "global_pool": "classifier"}
 _registered: dict[str, Callable[[], ModelConfig]] = {}
 
 
@@ -58,21 +61,6 @@ def timm_names() -> dict[str, str]:
     return {timm_name: ours for timm_name, (ours, _, _) in _sources().items()}
 
 
-def _config_for(base: ModelConfig, kwargs: dict[str, Any]) -> ModelConfig:
-    overrides: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if key == "global_pool":
-            if value is None:
-                continue
-            if value not in POOLS:
-                raise ValueError(f"global_pool={value!r} is not supported: use one of {sorted(POOLS)}.")
-            value = POOLS[value]
-        overrides[_TIMM_KWARGS.get(key, key)] = value
-    if overrides.get("classifier", base.classifier) != "gap" and base.norm_after_pool:
-        overrides["norm_after_pool"] = False
-    return override_config(base, **overrides)
-
-
 def _local_file(overlay: dict[str, Any]) -> dict[str, Any]:
     path = overlay.get("file")
     if path and os.path.isdir(path):
@@ -82,33 +70,48 @@ def _local_file(overlay: dict[str, Any]) -> dict[str, Any]:
     return {**overlay, "file": path} if path else overlay
 
 
-def _entry(timm_name: str, base: Callable[[], ModelConfig]) -> Callable[..., Any]:
+def _entry(timm_name: str, base: Optional[Callable[[], ModelConfig]]) -> Callable[..., Any]:
+    """timm's entry point for `timm_name`; `base` builds its preset config
+    (None: `vmoe_pretrained`, whose architecture comes from the file)."""
     def create(pretrained: bool = False, **kwargs: Any) -> Any:
         from timm.models import build_model_with_cfg
         overlay = _local_file(dict(kwargs.pop("pretrained_cfg_overlay", None) or {}))
         pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+        if base is None and not overlay.get("file"):
+            raise ValueError(f"{timm_name} takes its architecture and weights from a save_pretrained "
+                             "directory's config.json and model.safetensors: pass pretrained=True, "
+                             "pretrained_cfg_overlay={'file': DIR}.")
         if pretrained and not overlay.get("file"):
             raise ValueError(f"{timm_name}: pretrained=True needs local weights; nothing is downloaded. "
-                             "Pass pretrained_cfg_overlay={'file': DIR} with DIR a converted or "
-                             "save_pretrained directory (or its model.safetensors).")
+                             "Pass pretrained=True, pretrained_cfg_overlay={'file': DIR} with DIR a "
+                             "converted or save_pretrained directory (or its model.safetensors).")
+        folder = pretrained_dir(overlay["file"]) if overlay.get("file") and (pretrained or base is None) else None
+        if base is None and folder is None:
+            raise ValueError(f"{timm_name} reads its architecture from a save_pretrained directory's "
+                             f"config.json; {overlay.get('file')!r} has none beside it.")
+        known = read_config(folder) if folder is not None else base()  # type: ignore[misc]
+        if folder is not None:  # timm fills num_classes / img_size from the pretrained_cfg: the file's
+            overlay = {**default_pretrained_cfg(known), **overlay}
         timm_only = {k: kwargs.pop(k) for k in ("features_only", "out_indices", "feature_cls", "cache_dir")
                      if k in kwargs}
 
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
 
         def build(**model_kwargs: Any) -> VisionTransformerMoe:
-            config = _config_for(base(), model_kwargs)  # bad keywords fail before any allocation
             with torch.device(device) if device is not None else contextlib.nullcontext():
-                model = VisionTransformerMoe(config)
+                if folder is not None:  # our directory: its config.json, checked (timm_pretrained)
+                    model = build_from_dir(timm_name, base() if base else None, folder, model_kwargs)
+                else:
+                    model = VisionTransformerMoe(config_for(base(), model_kwargs))  # type: ignore[misc]
             return model.to(dtype=dtype) if dtype is not None else model
-        model = build_model_with_cfg(build, timm_name, pretrained, pretrained_cfg=pretrained_cfg,
-                                     pretrained_cfg_overlay=overlay or None,
-                                     feature_cfg={"feature_cls": "getter", "out_indices": 3},
+        model = build_model_with_cfg(build, timm_name, pretrained and folder is None,
+                                     pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay or None,
+                                     feature_cfg={"feature_cls": "getter", "out_indices": min(3, known.num_layers)},
                                      **timm_only, **kwargs)
         if isinstance(model, VisionTransformerMoe):  # the input this model takes, not the registry default
             own = default_pretrained_cfg(model.config)
-            model.pretrained_cfg = {**model.pretrained_cfg, "input_size": own["input_size"],
-                                    "fixed_input_size": own["fixed_input_size"]}
+            keep = {"input_size", "fixed_input_size"} if base is not None else set(own)
+            model.pretrained_cfg = {**model.pretrained_cfg, **{k: own[k] for k in keep}}
         return model
     create.__name__ = create.__qualname__ = timm_name
     create.__module__ = __name__
@@ -128,6 +131,11 @@ def register() -> list[str]:
     for timm_name, (_, build, _) in todo.items():
         register_model(_entry(timm_name, build))
         _registered[timm_name] = build
+    if GENERIC not in _registered:
+        any_cfg = next(iter(CATALOGUE.values())).config()
+        default_cfgs.update(generate_default_cfgs({GENERIC: default_pretrained_cfg(any_cfg)}))
+        register_model(_entry(GENERIC, None))
+        _registered[GENERIC] = lambda: any_cfg
     return sorted(_registered)
 
 

@@ -29,6 +29,7 @@ from ..convert.timm_checkpoint import read_timm_checkpoint
 from ..models.vit_moe import VisionTransformerMoe
 from ..utils.io import atomic_write_text
 from ..utils.state import state_mismatch
+from .timm_pretrained import GENERIC
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +65,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="save_pretrained / converted directory, or a timm train.py checkpoint (.pth.tar)")
     v.add_argument("--model", default=None, help="timm model name for a .pth.tar (default: the name it records)")
     v.add_argument("--use-ema", action="store_true", help="a .pth.tar's EMA weights (state_dict_ema)")
+    v.add_argument("--pretrained-path", default=None,
+                   help="for a .pth.tar trained as vmoe_pretrained: the save_pretrained directory that "
+                        "gives its architecture (default: the --pretrained-path it records)")
     v.add_argument("--routing", choices=("batch-independent", "as-trained"), default="batch-independent",
                    help="batch-independent (default): each image's prediction does not depend on the "
                         "other images of its batch (dropless top-K, per-image groups otherwise); "
@@ -201,6 +205,12 @@ def _validation_model(timm: Any, args: argparse.Namespace) -> torch.nn.Module:
         raise ValueError(f"{os.path.basename(args.checkpoint)} does not record its model name (arch): "
                          "pass --model NAME, the timm name it was trained as.")
     kwargs: dict[str, Any] = {}
+    if name == GENERIC:  # the architecture is the save_pretrained directory train.py started from
+        source = getattr(args, "pretrained_path", None) or ckpt.args.get("pretrained_path")
+        if not source or not os.path.exists(source):
+            raise ValueError(f"{os.path.basename(args.checkpoint)} was trained as {GENERIC}, whose architecture "
+                             f"is its --pretrained-path directory ({source!r}): pass --pretrained-path DIR.")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": source})
     if "head.weight" in ckpt.state_dict:
         kwargs["num_classes"] = int(ckpt.state_dict["head.weight"].shape[0])
     size = ckpt.args.get("img_size") or (ckpt.args.get("input_size") or [None])[-1]
