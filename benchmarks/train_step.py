@@ -45,7 +45,7 @@ def images_per_s(name: str, batch: int, image: int, bf16: bool, steps: int, warm
         model.set_noise_seed(i)
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, metrics = forward(x, return_metrics=True)
+            logits, metrics = forward(x, return_metrics=True, members=True)
         members = logits.shape[0] // batch  # E^3: one row per (image, member)
         loss = F.cross_entropy(logits.float(), y.repeat_interleave(members)) + metrics["auxiliary_loss"]
         loss.backward()

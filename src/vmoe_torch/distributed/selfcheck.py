@@ -64,9 +64,9 @@ def _check_case(case: dict, batch: int, rank: int, world: int) -> dict[str, floa
     y = torch.randint(0, 10, (batch,), generator=gen)
     share = slice(rank * batch // world, (rank + 1) * batch // world)
 
-    logits, metrics = full(x, return_metrics=True)
+    logits, metrics = full(x, return_metrics=True, members=True)  # E^3: the reference's member rows
     (_xent(logits, y) + metrics["auxiliary_loss"]).backward()
-    logits_r, metrics_r = ep(x[share], return_metrics=True)
+    logits_r, metrics_r = ep(x[share], return_metrics=True, members=True)
     (_xent(logits_r, y[share]) + metrics_r["auxiliary_loss"]).backward()
     sync_gradients(ep)
 
@@ -114,11 +114,11 @@ def _check_training(case: dict, rank: int, world: int, batch: int, steps: int = 
         y = torch.randint(0, 10, (batch,), generator=gen)
         for m in (full, ep):
             m.set_noise_seed(1000 + step)
-        logits, metrics = full(x, return_metrics=True)
+        logits, metrics = full(x, return_metrics=True, members=True)
         loss = F.cross_entropy(logits, y) + metrics["auxiliary_loss"]
         loss.backward()
         opt_f.step(), opt_f.zero_grad()
-        logits_r, metrics_r = ep(x[share], return_metrics=True)
+        logits_r, metrics_r = ep(x[share], return_metrics=True, members=True)
         loss_r = F.cross_entropy(logits_r, y[share]) + metrics_r["auxiliary_loss"]
         loss_r.backward()
         sync_gradients(ep)
