@@ -212,3 +212,79 @@ def test_checkpoint_memory_benchmark_runs():
     out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "checkpoint_memory.py"), "--smoke",
                           "--worlds", "2"], env=_env(), capture_output=True, text=True, timeout=300, check=True).stdout
     assert "| 2 | 0 |" in out and "| 2 | 1 |" in out and "full layout" in out
+
+
+def _fsdp_run(tmp_path_factory_dir):
+    """A finished 2-rank FSDP + expert-parallel run (checkpoints at 3 and 6)."""
+    _train(tmp_path_factory_dir, 2, flags=("--fsdp", "--expert-parallel"))
+    return tmp_path_factory_dir
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    return _fsdp_run(tmp_path_factory.mktemp("fsdp_run"))
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_refusals_are_agreed_by_every_rank_and_reported_once(tmp_path, fsdp_run):
+    """No readable checkpoint, and a work dir locked by another live run: every
+    rank leaves together (no SIGABRT at teardown, no rank wandering on into
+    restore), with one error line; a truncated shard is named with its file,
+    once."""
+    flags = ("--fsdp", "--expert-parallel")
+    state = json.loads((fsdp_run / "checkpoints" / "step_00000003" / "state.json").read_text())
+    assert state["expert_parallel"] is True and state["fsdp"] is True and state["world_size"] == 2
+    damaged = _copy(fsdp_run, tmp_path / "damaged")
+    for shard in damaged.glob("checkpoints/*/__*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    for attempt in range(3):  # the abort at teardown came in about one run of two
+        proc = _train(damaged, 2, ["train.steps=9"], flags=flags, fails=True)
+        if "terminate called" in proc.stderr or "SIGABRT" in proc.stderr:
+            (tmp_path.parent / f"abort-{attempt}.log").write_text(proc.stderr)  # keep the whole log
+        assert "terminate called" not in proc.stderr and "SIGABRT" not in proc.stderr, attempt
+        assert proc.stderr.count("vmoe train: error: No readable checkpoint") == 1
+        assert "__1_0.distcp is truncated (100 of" in proc.stderr
+        assert proc.stderr.count("Skipping unreadable checkpoint: '") == 2  # two checkpoints, once each
+    locked = _copy(fsdp_run, tmp_path / "locked")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        import socket
+        (locked / ".vmoe.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        proc = _train(locked, 2, ["train.steps=9"], flags=flags, fails=True)
+    finally:
+        holder.kill()
+    assert proc.stderr.count(f"vmoe train: error: Another run (pid {holder.pid}") == 1
+    assert "unreadable" not in proc.stderr and "terminate called" not in proc.stderr
+    assert sorted(_losses(locked)) == list(range(1, STEPS + 1))  # nothing of the locked run changed
+
+
+def test_killing_torchrun_stops_its_workers_at_a_checkpoint(tmp_path):
+    """torchrun SIGKILLed: its workers (in their own sessions) notice their
+    agent is gone, checkpoint the step, release the lock and exit; the run
+    resumes from that step."""
+    import signal
+    import time
+    wd = tmp_path / "orphans"
+    args = ["train", "--workdir", str(wd), *_sets(["train.steps=5000", "train.checkpoint_every=50"])]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "vmoe_torch.cli.main", *args, "--expert-parallel"]
+    agent = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (wd / "checkpoints" / "step_00000050").exists():
+        time.sleep(0.2)
+    assert (wd / "checkpoints" / "step_00000050").exists(), agent.stderr.read() if agent.poll() else ""
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and (wd / ".vmoe.lock").exists():
+        time.sleep(0.2)
+    assert not (wd / ".vmoe.lock").exists(), "the workers kept training after their agent died"
+    from vmoe_torch.storage.workdir import list_checkpoints
+    last = list_checkpoints(str(wd))[-1][0]
+    assert 50 < last < 5000
+    assert max(_losses(wd)) == last  # stopped at the step it checkpointed

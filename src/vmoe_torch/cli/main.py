@@ -6,8 +6,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from ..utils.errors import RunRefused
 from . import convert, models, timm_cli, train_cli, upcycle
+from .errors import EXPECTED, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,13 +28,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError, RunRefused) as e:
+    except EXPECTED as e:
         if args.debug:
             raise
-        # Under torchrun every rank meets the same bad input: one report, from rank 0.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"vmoe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        report(args.command, e)
+        return leave(2)
+
+
+def leave(code: int) -> int:
+    """`code`, for the caller to exit with. A torchrun worker that failed has
+    torn its process group down already (`train_cli`); it exits at once, so
+    that the interpreter's finalisation, which can still meet gloo's
+    background threads and abort ("terminate called without an active
+    exception", SIGABRT: seen once in about thirty refused runs), does
+    not turn a clean refusal into a crash."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

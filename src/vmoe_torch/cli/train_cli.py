@@ -126,17 +126,25 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _fit(cfg, args: argparse.Namespace) -> int:
-    """Trains; under torchrun the process group is torn down on every path
-    (after a barrier when training succeeded); rank 0 prints the summary."""
+    """Trains; under torchrun the process group is torn down on every path,
+    after a barrier when every rank got here (success, or an error they all
+    raised: `ParallelMode.agree`); rank 0 prints the summary."""
     from ..distributed.runtime import shutdown
     from ..train.trainer import Trainer
-    ok = False
+    from ..utils.errors import is_agreed
+    from .errors import EXPECTED, report
+    together = False  # every rank is here: they meet before tearing the group down
     try:
         trainer = Trainer(cfg, args.workdir, force=args.force)
         summary = trainer.fit()
-        ok = True
+        together = True
+    except BaseException as e:
+        together = is_agreed(e)  # raised by every rank at the same point
+        if together and isinstance(e, EXPECTED) and not getattr(args, "debug", False):
+            report(args.command, e)  # before the teardown, after which a peer may exit first
+        raise
     finally:
-        shutdown(synchronize=ok)
+        shutdown(synchronize=together)
     if trainer.rank == 0:
         print(json.dumps(summary, indent=2))
     return exit_code(summary)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -22,11 +23,31 @@ def local_device(device: torch.device) -> torch.device:
     return torch.device("cuda", index)
 
 
+_AGENT_PID: Optional[int] = None
+
+
+def watch_agent() -> None:
+    """Records this worker's parent, the torchrun agent (under torchrun only).
+    Workers run in their own sessions, so a SIGKILLed agent leaves them
+    training; `agent_gone` lets the training loop notice (the parent pid
+    changes when the parent dies) and stop as on SIGTERM."""
+    global _AGENT_PID
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        _AGENT_PID = os.getppid()
+
+
+def agent_gone() -> bool:
+    """Whether the torchrun agent that started this worker has died (one
+    getppid() call; False outside torchrun)."""
+    return _AGENT_PID is not None and os.getppid() != _AGENT_PID
+
+
 def init_from_env(device: torch.device) -> tuple[int, int]:
     """(rank, world size). Under torchrun (WORLD_SIZE > 1) initialises the
     default process group: gloo on the CPU, NCCL on CUDA (pass the device
     from `local_device`, so that each process has its own GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    watch_agent()
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():

@@ -6,14 +6,13 @@ newest readable checkpoint), one checkpoint of either layout
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Callable, TypeVar
 
 import torch
 
 from ..storage import sharded
 from ..storage.pretrained import read_config
-from ..storage.workdir import is_sharded_checkpoint, is_training_workdir, is_workdir, list_checkpoints, warn_damaged
+from ..storage.workdir import is_sharded_checkpoint, is_training_workdir, is_workdir, newest_readable
 from .vit_moe import VisionTransformerMoe
 
 T = TypeVar("T")
@@ -55,23 +54,11 @@ def consolidate_checkpoint(path: str, out_dir: str, overwrite: bool = False) -> 
 
 
 def _newest_readable(workdir: str, use: Callable[[str], T]) -> tuple[str, T]:
-    """(checkpoint, use(checkpoint)) for the newest checkpoint of `workdir`
-    that `use` can read; unreadable newer ones are skipped with a warning, as
-    on resume. A FileExistsError (the output is there) is not skipped."""
-    warn_damaged(workdir)
-    found = list_checkpoints(workdir)
-    if not found:
+    """`storage.workdir.newest_readable`, for a work dir that must hold one."""
+    found = newest_readable(workdir, use)
+    if found is None:
         raise FileNotFoundError(f"Work dir {workdir!r} holds no checkpoint yet.")
-    errors = []
-    for _, ckpt in reversed(found):
-        try:
-            return ckpt, use(ckpt)
-        except FileExistsError:
-            raise
-        except (ValueError, OSError) as e:
-            errors.append(f"{ckpt!r}: {e}")
-            warnings.warn(f"Skipping unreadable checkpoint {ckpt!r}: {e}")
-    raise ValueError(f"No readable checkpoint in {workdir!r}: " + "; ".join(errors))
+    return found
 
 
 def consolidate(path: str, out_dir: str, overwrite: bool = False) -> str:

@@ -77,7 +77,30 @@ def load(path: str, state: dict[str, torch.Tensor], collective: Optional[bool] =
             warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
             dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=no_dist)
     except CheckpointException as e:
-        raise UnreadableCheckpoint(f"{path!r}: {_first_lines(e)}") from e
+        damage = damaged_files(path)
+        raise UnreadableCheckpoint(f"{path!r}: {damage or _first_lines(e)}") from e
+
+
+def damaged_files(path: str) -> str:
+    """The data files of DCP checkpoint `path` that are missing or shorter
+    than its .metadata says, e.g. "__1_0.distcp is truncated (100 of 20,311
+    bytes)"; "" when none is (or the metadata itself cannot be read)."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        storage = dcp.FileSystemReader(path).read_metadata().storage_data
+    except Exception:  # noqa: BLE001 - the caller reports DCP's own error instead
+        return ""
+    needed: dict[str, int] = {}
+    for info in (storage or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(file) < size:
+            problems.append(f"{name} is truncated ({os.path.getsize(file):,} of {size:,} bytes)")
+    return "; ".join(problems)
 
 
 def _first_lines(e: Any) -> str:

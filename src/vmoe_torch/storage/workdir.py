@@ -14,8 +14,9 @@ import json
 import os
 import re
 import tempfile
-import warnings
-from typing import Optional
+from typing import Callable, Optional, TypeVar
+
+from ..utils.ranks import warn_once
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -59,7 +60,7 @@ def damaged_checkpoints(workdir: str) -> list[str]:
 
 def warn_damaged(workdir: str) -> None:
     for path in damaged_checkpoints(workdir):
-        warnings.warn(f"Skipping damaged checkpoint {path!r}: it has no state.json (deleted or never "
+        warn_once(f"Skipping damaged checkpoint {path!r}: it has no state.json (deleted or never "
                       "finished); older checkpoints are used.")
 
 
@@ -108,3 +109,34 @@ def check_writable(workdir: str) -> None:
         raise ValueError(f"Work dir {workdir!r} is not writable ({type(e).__name__}: {e.strerror or e}"
                          f"{': ' + repr(e.filename) if e.filename else ''}). Choose another --workdir, or "
                          "fix its permissions / free space.") from e
+
+
+T = TypeVar("T")
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint directory whose files cannot be read."""
+
+
+def newest_readable(workdir: str, use: Callable[[str], T],
+                    skip: tuple[type[Exception], ...] = (ValueError, OSError)) -> Optional[tuple[str, T]]:
+    """The one reader of a work dir's checkpoints for every consumer (resume,
+    eval, consolidation): `(checkpoint, use(checkpoint))` for the newest
+    checkpoint that `use` can read, or None when there is none. Damaged
+    (no state.json) and unreadable newer ones are named in a warning, once;
+    when every checkpoint is unreadable this raises CorruptCheckpoint,
+    listing why. A FileExistsError (an output already there) is not skipped."""
+    warn_damaged(workdir)
+    skipped = []
+    for _, path in reversed(list_checkpoints(workdir)):
+        try:
+            return path, use(path)
+        except FileExistsError:
+            raise
+        except skip as e:
+            skipped.append(str(e) if str(e).startswith(repr(path)) else f"{path!r} ({type(e).__name__}: {e})")
+            warn_once(f"Skipping unreadable checkpoint: {skipped[-1]}")
+    if skipped:
+        raise CorruptCheckpoint(f"No readable checkpoint in {workdir!r}: " + "; ".join(skipped)
+                                + ". Move the checkpoints/ directory away to start over.")
+    return None

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,7 +33,14 @@ from torch import nn
 
 from ..distributed.expert_parallel import global_name
 from ..storage import sharded
-from ..storage.workdir import checkpoint_dir, is_sharded_checkpoint, latest_checkpoint, list_checkpoints, warn_damaged
+from ..storage.workdir import (
+    CorruptCheckpoint,
+    checkpoint_dir,
+    is_sharded_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    newest_readable,
+)
 from ..utils.io import atomic_directory, commit_directory, temporary_directory
 from ..utils.state import state_mismatch
 
@@ -150,10 +156,6 @@ def save_sharded_checkpoint(workdir: str, step: int, model: nn.Module, optimizer
     return final
 
 
-class CorruptCheckpoint(ValueError):
-    """A checkpoint directory whose files cannot be read."""
-
-
 def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Reads a full checkpoint: (model state, optimizer state dict,
     state.json), and restores the RNG states."""
@@ -238,18 +240,8 @@ def _optimizer_by_name(sd: dict[str, Any], optimizer: torch.optim.Optimizer,
 
 def restore_latest(workdir: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[dict[str, Any]]:
     """Restores the newest readable checkpoint (see `restore`) and returns
-    its state.json, or None when there is none. Unreadable newer ones
-    (truncated files, a torn state.json) are skipped with a warning naming
-    them; when every checkpoint is unreadable this raises, listing why."""
-    warn_damaged(workdir)
-    skipped = []
-    for _, path in reversed(list_checkpoints(workdir)):
-        try:
-            return restore(path, model, optimizer)
-        except CorruptCheckpoint as e:
-            skipped.append(str(e))
-            warnings.warn(f"Skipping unreadable checkpoint: {e}")
-    if skipped:
-        raise CorruptCheckpoint("No readable checkpoint in " + repr(workdir) + ": " + "; ".join(skipped)
-                                + ". Move the checkpoints/ directory away to start over.")
-    return None
+    its state.json, or None when there is none (`storage.workdir.
+    newest_readable`: unreadable newer ones are skipped with a warning
+    naming them; when every checkpoint is unreadable this raises)."""
+    found = newest_readable(workdir, lambda path: restore(path, model, optimizer), skip=(CorruptCheckpoint,))
+    return None if found is None else found[1]

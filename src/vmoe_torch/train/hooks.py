@@ -18,8 +18,9 @@ from typing import Any, Optional, Protocol
 from torch import nn
 
 from ..config.experiment import ExperimentConfig
+from ..distributed.runtime import agent_gone
 from ..storage.workdir import latest_checkpoint
-from ..utils.errors import RunRefused
+from ..utils.errors import RunRefused, mark_agreed
 from .logger import MetricsLogger
 from .parallel import ParallelMode
 
@@ -134,7 +135,8 @@ class Evaluate(Hook):
 
 class StopOnSignal(Hook):
     """SIGTERM / SIGINT stop the run after the current step, on every rank
-    (the ranks agree), and the step is checkpointed."""
+    (the ranks agree), and the step is checkpointed. Under torchrun, a
+    worker whose agent died (torchrun SIGKILLed) stops the same way."""
 
     def __init__(self) -> None:
         self.signal: Optional[int] = None
@@ -147,9 +149,14 @@ class StopOnSignal(Hook):
         self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def after_step(self, trainer: TrainerView, done: int, record: dict[str, Any]) -> None:
+        orphaned = self.signal is None and agent_gone()
+        if orphaned:  # torchrun's agent was killed: its workers would otherwise train on unsupervised
+            self.signal = signal.SIGTERM
         self.signal = trainer.mode.agree_max(self.signal or 0) or None
         if self.signal is not None:
-            trainer.request_stop(f"stopped by signal {self.signal} after step {done}", self.signal)
+            reason = (f"stopped after step {done}: the torchrun agent is gone" if orphaned
+                      else f"stopped by signal {self.signal} after step {done}")
+            trainer.request_stop(reason, self.signal)
 
     def end(self, trainer: TrainerView) -> None:
         for s, handler in self.previous.items():
@@ -176,11 +183,11 @@ class StopOnDivergence(Hook):
             return
         last = latest_checkpoint(trainer.workdir)
         values = f" (loss {record['loss']}, gradient norm {record['grad_norm']})" if "loss" in record else ""
-        raise DivergedError(
+        raise mark_agreed(DivergedError(
             f"Training diverged at step {done}: the loss, the gradient norm or the weights are no longer "
             f"finite{values}. Nothing of it was saved; the last checkpoint is "
             f"{last or 'none yet'}. Lower optim.lr, lengthen schedule.warmup_steps or set "
-            "optim.grad_clip_norm, then start over (--force) or resume from that checkpoint.")
+            "optim.grad_clip_norm, then start over (--force) or resume from that checkpoint."))
 
 
 class Checkpoint(Hook):

@@ -12,7 +12,7 @@ never tests mode flags itself.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,11 @@ from ..distributed.expert_parallel import (
     sync_gradients,
 )
 from ..storage.workdir import checkpoint_dir
+from ..utils.errors import RunRefused, mark_agreed
 from .checkpoint import save_checkpoint, save_sharded_checkpoint
 from .optim import clip_grad_norm
+
+T = TypeVar("T")
 
 
 def _fsdp() -> Any:
@@ -90,6 +93,31 @@ class ParallelMode:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def agree(self, work: Callable[[], T]) -> T:
+        """Runs `work` on this rank; when it raised on any rank, every rank
+        raises (collective): its own error, or one naming the rank that
+        failed. Each such error is marked as agreed (`utils.errors`), so every
+        rank then leaves together; without this a rank that fails alone
+        leaves its peers waiting in their next collective. Put it around work
+        that every rank reaches (set-up, the work-dir lock)."""
+        if self.world == 1:
+            return work()
+        result: Optional[T] = None
+        error: Optional[Exception] = None
+        try:
+            result = work()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+        reports: list[Optional[str]] = [None] * self.world
+        dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+        if error is not None:
+            raise mark_agreed(error)
+        if failed:
+            r, message = failed[0]
+            raise mark_agreed(RunRefused(f"rank {r} failed: {message}"))
+        return result  # type: ignore[return-value]
 
     def save(self, workdir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              extra: dict[str, Any], keep: int, files: dict[str, Any]) -> str:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -36,6 +35,7 @@ from ..storage.workdir import (
 )
 from ..utils.errors import RunRefused
 from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.ranks import warn_once
 from ..utils.seeds import derive_seed
 from .checkpoint import restore_latest
 from .hooks import Hook, default_hooks
@@ -81,7 +81,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> VisionTransformerMoe
     if tuple(model.config.image_size) != (size, size):
         model.resize_pos_embed((size, size))
         if model.group_size is not None and "group_size" not in routing:
-            warnings.warn(f"Fine-tuning at {size}x{size}: routing groups stay group_size={model.group_size} "
+            warn_once(f"Fine-tuning at {size}x{size}: routing groups stay group_size={model.group_size} "
                           f"tokens ({model.group_size / model.config.tokens_per_image:.3g} images at this "
                           "resolution); set model.moe.group_size to choose another.")
     if cfg.finetune.new_head:
@@ -190,7 +190,7 @@ class Trainer:
             raise ValueError(f"Work dir {self.workdir!r} holds a checkpoint of a different config "
                              f"(sections {diff} differ). Use another --workdir, or --force to "
                              "start over in this one (its checkpoints are then deleted).")
-        warnings.warn(f"--force: {self.workdir!r} holds checkpoints of a different config (sections {diff} "
+        warn_once(f"--force: {self.workdir!r} holds checkpoints of a different config (sections {diff} "
                       "differ); they and metrics.jsonl will be deleted once this run has started.")
         return None, True
 
@@ -199,17 +199,20 @@ class Trainer:
         reading the checkpoint to resume from, sharding, the optimizer. Only
         then is the run committed to the work dir (`_commit_workdir`).
         Returns the first step to run."""
-        ckpt, restart = self._read_identity()
+        # Under torchrun the checks below are agreed (`ParallelMode.agree`): a
+        # refusal is raised by every rank at once, and reported once.
+        ckpt, restart = self.mode.agree(self._read_identity)
         per_block = self.cfg.train.compile and not self.mode.compiles_whole_model()
         self.mode.wrap(self.model, self._compile_options() if per_block else None)
         self._warn_split_groups()
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        optimizer = self.optimizer
         start = 0
         if ckpt is not None:  # either layout, into this run's sharding; falls back past unreadable ones
-            state = restore_latest(self.workdir, self.model, self.optimizer)
+            state = self.mode.agree(lambda: restore_latest(self.workdir, self.model, optimizer))
             if state is not None:
                 start = int(state["step"])
-        self._check_progress(start, restart)
+        self.mode.agree(lambda: self._check_progress(start, restart))
         self._commit_workdir(restart)
         if start and self.mode.lead:
             print(f"Resumed from step {start} of {self.cfg.train.steps} in {self.workdir}.", file=sys.stderr)
@@ -238,19 +241,20 @@ class Trainer:
         only, so that a failed start never changes what the work dir accepts);
         with --force over another config, first deletes its checkpoints."""
         self.mode.barrier()  # every rank has read the old identity before rank 0 rewrites it
-        if self.mode.lead:
-            if restart:
-                steps = [s for s, _ in list_checkpoints(self.workdir)]
-                shutil.rmtree(os.path.join(self.workdir, "checkpoints"))
-                metrics = os.path.join(self.workdir, "metrics.jsonl")
-                if os.path.exists(metrics):
-                    os.unlink(metrics)
-                warnings.warn(f"--force: deleted the previous config's checkpoints (steps {steps}) and "
-                              f"metrics.jsonl from {self.workdir!r}.")
-            atomic_write_json(os.path.join(self.workdir, "run_identity.json"), run_identity(self.cfg))
-            atomic_write_text(os.path.join(self.workdir, "config.yaml"),
-                              yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-        self.mode.barrier()
+        self.mode.agree(lambda: self._write_identity(restart) if self.mode.lead else None)
+
+    def _write_identity(self, restart: bool) -> None:
+        if restart:
+            steps = [s for s, _ in list_checkpoints(self.workdir)]
+            shutil.rmtree(os.path.join(self.workdir, "checkpoints"))
+            metrics = os.path.join(self.workdir, "metrics.jsonl")
+            if os.path.exists(metrics):
+                os.unlink(metrics)
+            warn_once(f"--force: deleted the previous config's checkpoints (steps {steps}) and "
+                      f"metrics.jsonl from {self.workdir!r}.")
+        atomic_write_json(os.path.join(self.workdir, "run_identity.json"), run_identity(self.cfg))
+        atomic_write_text(os.path.join(self.workdir, "config.yaml"),
+                          yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
 
     def save(self, step: int) -> str:
         """Checkpoint `step` in the parallel mode's layout."""
@@ -279,12 +283,12 @@ class Trainer:
         images = self.cfg.data.batch_size // (self.world * self.cfg.train.grad_accum)
         tokens = images * self.model.config.tokens_per_image * moe.ensemble_size
         if tokens < moe.group_size:
-            warnings.warn(
+            warn_once(
                 f"Each process routes {images} images ({tokens} tokens) per micro-batch, fewer than "
                 f"group_size={moe.group_size}: every batch is routed as one smaller group, with a capacity "
                 "to match. Lower model.moe.group_size or raise data.batch_size to route whole groups.")
         elif tokens % moe.group_size and (self.world > 1 or self.cfg.train.grad_accum > 1):
-            warnings.warn(
+            warn_once(
                 f"Each process routes {images} images ({tokens} tokens) per micro-batch, not a multiple "
                 f"of group_size={moe.group_size}: its last routing group is smaller, so routing differs "
                 "from one process on the whole batch. Make data.batch_size / (world size x "
@@ -295,10 +299,13 @@ class Trainer:
         """Trains to `train.steps`, resuming from the work dir's newest
         readable checkpoint; one run per work dir (rank 0 holds its lock)."""
         lock = WorkdirLock(self.workdir)
-        if self.mode.lead:
-            lock.acquire()
-            for path in remove_orphan_temporaries(self.workdir):
-                warnings.warn(f"Removed {path!r}, left by a killed write.")
+
+        def take() -> None:  # rank 0 holds the lock; every rank learns whether it got it
+            if self.mode.lead:
+                lock.acquire()
+                for path in remove_orphan_temporaries(self.workdir):
+                    warn_once(f"Removed {path!r}, left by a killed write.")
+        self.mode.agree(take)
         try:
             return self._fit()
         finally:
