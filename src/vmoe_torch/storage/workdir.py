@@ -118,6 +118,14 @@ class CorruptCheckpoint(ValueError):
     """A checkpoint directory whose files cannot be read."""
 
 
+def _read_state(path: str) -> None:
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{path!r} (its state.json is unreadable: {type(e).__name__}: {e})") from e
+
+
 def newest_readable(workdir: str, use: Callable[[str], T],
                     skip: tuple[type[Exception], ...] = (ValueError, OSError)) -> Optional[tuple[str, T]]:
     """The one reader of a work dir's checkpoints for every consumer (resume,
@@ -128,12 +136,14 @@ def newest_readable(workdir: str, use: Callable[[str], T],
     listing why. A FileExistsError (an output already there) is not skipped."""
     warn_damaged(workdir)
     skipped = []
+    skippable: tuple[type[Exception], ...] = (CorruptCheckpoint, *skip)
     for _, path in reversed(list_checkpoints(workdir)):
         try:
+            _read_state(path)  # a torn state.json makes the checkpoint unreadable for every consumer
             return path, use(path)
         except FileExistsError:
             raise
-        except skip as e:
+        except skippable as e:
             skipped.append(str(e) if str(e).startswith(repr(path)) else f"{path!r} ({type(e).__name__}: {e})")
             warn_once(f"Skipping unreadable checkpoint: {skipped[-1]}")
     if skipped:
