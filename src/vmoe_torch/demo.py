@@ -22,6 +22,7 @@ import torch
 from .analysis.report import CAPACITY_FACTORS, analyze
 from .config import load_config
 from .data.pipeline import eval_batches
+from .evaluate.calibration import count_flops
 from .evaluate.fewshot import extract_features, fewshot_evaluate
 from .train.trainer import Trainer
 from .utils.io import atomic_write_json
@@ -38,15 +39,10 @@ def config_dir() -> Path:
 
 
 def flops_per_image(model, image: torch.Tensor, group_images: int) -> float:
-    """Forward FLOPs per image (torch's FlopCounterMode), on a batch of
-    `group_images` images so MoE layers see a full routing group. Expert
-    matmuls count every buffer slot (C per expert), filled or not."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model.eval()
-    x = image.expand(group_images, -1, -1, -1)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / group_images
+    """Forward FLOPs per image (`evaluate.calibration.count_flops`), on a
+    batch of `group_images` images so MoE layers see a full routing group.
+    Expert matmuls count every buffer slot (C per expert), filled or not."""
+    return count_flops(model, image.expand(group_images, -1, -1, -1))
 
 
 def run_demo(workdir: str = "runs/demo", quick: bool = False, overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -194,3 +194,18 @@ def test_an_upcycled_model_goes_through_train_py_as_vmoe_pretrained(tmp_path, di
     assert "--pretrained-path" in capsys.readouterr().err
     assert main(["timm-validate", str(digits), "--checkpoint", str(tmp_path / "last.pth.tar"),
                  "--pretrained-path", str(tmp_path / "moved")]) == 0
+
+
+def test_timm_validate_runs_at_a_budget_from_the_calibration(tmp_path, digits):
+    from vmoe_torch.storage.calibration import Calibration, Point
+    model = timm.create_model("vmoe_mi4_every2_e8_k2", num_classes=10).eval()
+    own = {"num_selected_experts": 2, "capacity_factor": 1.05, "batch_priority": False, "dropless": False}
+    cheap = {"num_selected_experts": 1, "capacity_factor": 0.5, "batch_priority": True, "dropless": False}
+    model.calibration = Calibration([Point(own, 0.5, 100.0), Point(cheap, 0.4, 50.0)], reference=0)
+    model.save_pretrained(str(tmp_path / "m"))
+    out = tmp_path / "r.json"
+    assert main(["timm-validate", str(digits), "--checkpoint", str(tmp_path / "m"), "--budget", "relative=0.6",
+                 "--results-file", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["routing"] == "budget relative=0.6: K=1, C=0.5, BPR" and result["flops_per_image"] == 50.0
+    assert main(["timm-validate", str(digits), "--checkpoint", str(tmp_path / "m"), "--budget", "relative=0.1"]) == 2

@@ -48,17 +48,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=run_finetune)
 
-    p = sub.add_parser("eval", help="evaluate a model, optionally over a routing grid",
-                       description="Top-1/top-5 accuracy of CHECKPOINT (work dir or from_pretrained dir) "
-                                   "on the config's test data, at eval.capacity_factor, and with --grid "
-                                   "at every (capacity factor, K, vanilla/BPR) setting of the eval section.")
-    p.add_argument("checkpoint")
-    p.add_argument("config", nargs="?", default=None,
-                   help=_CONFIG_HELP + " (default: the work dir's own config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--grid", action="store_true", help="also sweep the routing grid")
-    p.add_argument("--out", default=None, help="write the results JSON here")
-    p.set_defaults(func=run_eval)
+    _add_eval_parser(sub)
+
 
     p = sub.add_parser("fewshot", help="few-shot linear evaluation on frozen features")
     p.add_argument("checkpoint")
@@ -102,6 +93,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to both models' configs")
     p.set_defaults(func=run_demo)
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model, optionally over a routing grid",
+                       description="Top-1/top-5 accuracy of CHECKPOINT (work dir or from_pretrained dir) "
+                                   "on the config's test data, at eval.capacity_factor, and with --grid "
+                                   "at every (capacity factor, K, vanilla/BPR) setting of the eval section.")
+    p.add_argument("checkpoint")
+    p.add_argument("config", nargs="?", default=None,
+                   help=_CONFIG_HELP + " (default: the work dir's own config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--grid", action="store_true", help="also sweep the routing grid")
+    p.add_argument("--budget", default=None, metavar="REQUEST",
+                   help="evaluate at a compute budget chosen from the model's calibration (vmoe calibrate): "
+                        "relative=0.5, flops=2e7 or accuracy_drop=0.01")
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    p.set_defaults(func=run_eval)
 
 
 def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
@@ -170,8 +178,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
     def loader():
         return eval_batches(test, cfg.data.eval_batch_size)
-    result = {"eval_batch_size": cfg.data.eval_batch_size}
-    result["test"] = evaluate_at_capacity(model, loader(), cfg.eval.capacity_factor)
+    result: dict = {"eval_batch_size": cfg.data.eval_batch_size}
+    if args.budget:
+        from ..evaluate.classification import evaluate_classification
+        from ..storage.calibration import parse_request
+        chosen = model.at_budget(**parse_request(args.budget))
+        result["budget"] = {"request": args.budget, "routing": chosen.routing,
+                            "flops_per_image": chosen.flops_per_image}
+        print(f"budget {args.budget}: {chosen.point.describe()} "
+              f"({chosen.flops_per_image / 1e6:.2f} MFLOPs / image)")
+        result["test"] = evaluate_classification(model, loader())
+    else:
+        result["test"] = evaluate_at_capacity(model, loader(), cfg.eval.capacity_factor)
     print(f"top-1 {result['test']['top1']:.4f}  top-5 {result['test']['top5']:.4f}")
     if args.grid:
         rows = routing_grid(model, loader, cfg.eval.grid_capacity_factors,

@@ -27,6 +27,7 @@ import torch
 
 from ..convert.timm_checkpoint import read_timm_checkpoint
 from ..models.vit_moe import VisionTransformerMoe
+from ..storage.calibration import parse_request
 from ..utils.io import atomic_write_text
 from ..utils.state import state_mismatch
 from .timm_pretrained import GENERIC
@@ -72,6 +73,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="batch-independent (default): each image's prediction does not depend on the "
                         "other images of its batch (dropless top-K, per-image groups otherwise); "
                         "as-trained: the model's own groups and capacity (results vary with -b)")
+    v.add_argument("--budget", default=None, metavar="REQUEST",
+                   help="run at a compute budget chosen from the model's calibration (vmoe calibrate): "
+                        "relative=0.5, flops=2e7 or accuracy_drop=0.01 (replaces --routing)")
     v.add_argument("--split", default="validation")
     v.add_argument("-b", "--batch-size", type=int, default=64)
     v.add_argument("--workers", type=int, default=0)
@@ -232,11 +236,19 @@ def validate(args: argparse.Namespace, results: Optional[dict[str, Any]] = None)
     root = _split_dir(args.data_dir, args.split)
     model = _validation_model(timm, args)
     loader = _loader(timm, model, root, args.batch_size, False, args.workers)
-    changes = model.batch_independent_routing() \
-        if args.routing == "batch-independent" and isinstance(model, VisionTransformerMoe) else {}
-    with model.routing(**changes) if changes else contextlib.nullcontext():  # type: ignore[operator]
+    budget = getattr(args, "budget", None)
+    if budget:  # the calibrated setting for the request, as vmoe eval --budget
+        if not isinstance(model, VisionTransformerMoe):
+            raise ValueError("--budget needs a vmoe-torch model with a calibration (vmoe calibrate).")
+        chosen = model.at_budget(**parse_request(budget))
         out: dict[str, Any] = dict(evaluate_loader(model, loader))
-    out["routing"] = args.routing
+        out.update(routing=f"budget {budget}: {chosen.point.describe()}", flops_per_image=chosen.flops_per_image)
+    else:
+        changes = model.batch_independent_routing() \
+            if args.routing == "batch-independent" and isinstance(model, VisionTransformerMoe) else {}
+        with model.routing(**changes) if changes else contextlib.nullcontext():  # type: ignore[operator]
+            out = dict(evaluate_loader(model, loader))
+        out["routing"] = args.routing
     input_size = list(getattr(model, "pretrained_cfg", {}).get("input_size", ()))
     out.update(checkpoint=args.checkpoint, split=args.split, input_size=input_size,
                param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 3))

@@ -24,8 +24,10 @@ from ..layers.init import lecun_normal_
 from ..layers.roles import no_weight_decay_names
 from ..moe import MoeMlp
 from ..storage import pretrained as files
+from ..storage.calibration import Calibration, read_calibration
 from ..utils.transient import Transient
 from .aux_loss import AuxLossGuard, attach_auxiliary_loss
+from .budget import BudgetControl
 from .members import ensemble_log_probs, mean_over_members
 from .routing_control import RoutingControl
 from .timm_contract import POOLS, TimmContract, default_pretrained_cfg
@@ -90,7 +92,7 @@ def build_block(cfg: ModelConfig, index: int) -> Block:
                  eps=cfg.layer_norm_eps, qk_norm=cfg.qk_norm)
 
 
-class VisionTransformerMoe(RoutingControl, TimmContract, nn.Module):
+class VisionTransformerMoe(RoutingControl, BudgetControl, TimmContract, nn.Module):
     """Vision Transformer with sparse MoE layers (arXiv 2106.05974).
 
     `model(images)` takes (B, C, H, W) float images and returns logits
@@ -123,6 +125,7 @@ class VisionTransformerMoe(RoutingControl, TimmContract, nn.Module):
         self._last: Transient[Metrics] = Transient(dict)  # not copied nor pickled (graph tensors)
         self.grad_checkpointing = False
         self._range_checked = False  # `_check_range_once`
+        self.calibration: Optional[Calibration] = None  # measured accuracy-compute curve (`at_budget`)
         self._aux_guard = AuxLossGuard()
         self._aux_gradient_scale: Optional[float] = 1.0  # `set_auxiliary_loss_gradient`
         self.pretrained_cfg = default_pretrained_cfg(config)
@@ -433,9 +436,10 @@ class VisionTransformerMoe(RoutingControl, TimmContract, nn.Module):
                         source: Optional[dict[str, Any]] = None, allow_nonfinite: bool = False) -> None:
         """Writes a Hub-compatible directory: model.safetensors (with the
         architecture fingerprint), config.json and a model card README.md
-        (`vmoe_torch.storage.pretrained`), atomically; NaN / Inf weights are
-        refused unless `allow_nonfinite`."""
-        files.write_pretrained(self.state_dict(), self.config, out_dir, overwrite, source, allow_nonfinite)
+        (`vmoe_torch.storage.pretrained`), with the calibration when there is
+        one, atomically; NaN / Inf weights are refused unless `allow_nonfinite`."""
+        files.write_pretrained(self.state_dict(), self.config, out_dir, overwrite, source, allow_nonfinite,
+                               calibration=self.calibration)
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: str = "cpu", **routing: Any) -> "VisionTransformerMoe":
@@ -449,6 +453,7 @@ class VisionTransformerMoe(RoutingControl, TimmContract, nn.Module):
         files.check_fingerprint(path, model.config)
         model.load_state_dict(state, strict=True, assign=True)
         model.materialize_noise_seeds(map_location)
+        model.calibration = read_calibration(path)
         model.eval()
         if routing:
             model.set_routing(**routing)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from ..config.model import ModelConfig
+from .calibration import Calibration, card_lines
 
 
 def _routing_lines(cfg: ModelConfig) -> list[str]:
@@ -37,7 +38,8 @@ def _file(record: Any) -> str:
     return f"`{record}`"
 
 
-def model_card(cfg: ModelConfig, source: Optional[Mapping[str, Any]] = None) -> str:
+def model_card(cfg: ModelConfig, source: Optional[Mapping[str, Any]] = None,
+               calibration: Optional[Calibration] = None) -> str:
     source = dict(source or {})
     kind = source.get("kind", "trained")
     lines = ["---", "library_name: vmoe-torch", "tags: [vision, image-classification, mixture-of-experts]",
@@ -50,6 +52,7 @@ def model_card(cfg: ModelConfig, source: Optional[Mapping[str, Any]] = None) -> 
              f"px, `{cfg.classifier}` head, {cfg.num_classes} classes.",
              f"- LayerNorm eps {cfg.layer_norm_eps}, GELU `{cfg.gelu}`; inputs NCHW in [-1, 1]."]
     lines += _routing_lines(cfg)
+    lines += card_lines(calibration)
     lines += ["", "## Source", ""]
     if kind == "upcycled":
         origin = _file({k: source[k] for k in ("file", "sha256") if k in source})

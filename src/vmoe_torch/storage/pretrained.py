@@ -22,8 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from ..config.model import ModelConfig
 from ..config.typed import from_dict, to_dict
-from ..utils.io import atomic_directory, looks_like_pickle
+from ..utils.io import atomic_directory, atomic_write_text, looks_like_pickle
 from ..utils.state import state_mismatch
+from .calibration import Calibration, write_calibration
 from .model_card import model_card
 
 FORMAT, FORMAT_VERSION = "vmoe-torch", 1
@@ -71,17 +72,31 @@ def config_json(cfg: ModelConfig, source: Optional[dict[str, Any]] = None) -> di
     return meta
 
 
-def write_metadata(out_dir: str, cfg: ModelConfig, source: Optional[dict[str, Any]] = None) -> None:
-    """config.json and the model card README.md, next to the weights."""
+def write_metadata(out_dir: str, cfg: ModelConfig, source: Optional[dict[str, Any]] = None,
+                   calibration: Optional[Calibration] = None) -> None:
+    """config.json, the model card README.md and the calibration (when
+    there is one), next to the weights."""
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config_json(cfg, source), f, indent=2)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(model_card(cfg, source))
+        f.write(model_card(cfg, source, calibration))
+    if calibration is not None:
+        write_calibration(out_dir, calibration)
+
+
+def add_calibration(path: str, calibration: Calibration) -> None:
+    """Adds (or replaces) the calibration of model directory `path`, and the
+    model card's table of it; each file is replaced atomically."""
+    check_pretrained_dir(path)
+    with open(os.path.join(path, "config.json")) as f:
+        source = json.load(f).get("source")
+    write_calibration(path, calibration)
+    atomic_write_text(os.path.join(path, "README.md"), model_card(read_config(path), source, calibration))
 
 
 def write_pretrained(state: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir: str,
                      overwrite: bool = False, source: Optional[dict[str, Any]] = None,
-                     allow_nonfinite: bool = False) -> None:
+                     allow_nonfinite: bool = False, calibration: Optional[Calibration] = None) -> None:
     """Writes `state` (a model's state_dict) as model.safetensors + config.json
     + README.md atomically to `out_dir`. Weights with NaN or Inf values are
     refused (a diverged model) unless `allow_nonfinite`."""
@@ -95,7 +110,7 @@ def write_pretrained(state: Mapping[str, torch.Tensor], cfg: ModelConfig, out_di
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, os.path.join(tmp, "model.safetensors"),
                   metadata={FINGERPRINT_KEY: architecture_fingerprint(cfg)})
-        write_metadata(tmp, cfg, source)
+        write_metadata(tmp, cfg, source, calibration)
 
 
 def check_fingerprint(path: str, cfg: ModelConfig) -> None:
