@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "analysis": 9,      # routing statistics, plots, the report
     "train": 9,         # the training loop
     "integrations": 9,  # timm
+    "serve": 9,         # the HTTP inference server
     "demo": 10,         # the bundled end-to-end job
     "cli": 11,          # argument parsing only
 }
