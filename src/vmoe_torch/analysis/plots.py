@@ -12,7 +12,8 @@ import numpy as np  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
-    fig.tight_layout()
+    if not fig.get_constrained_layout():
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -69,35 +70,51 @@ def plot_heatmaps(shares: dict[str, np.ndarray], nmi: dict[str, float], path: st
     _save(fig, path)
 
 
+_TOKEN_KINDS = (("vanilla: kept", "vanilla", "Greens"), ("BPR: kept", "bpr", "Greens"),
+                ("BPR priority", "priority", "magma"), ("top-1 expert", "expert", "tab10"))
+
+
 def plot_token_maps(images: np.ndarray, maps: dict[str, dict[str, np.ndarray]], path: str,
                     capacity_factor: float) -> None:
-    """For each image (rows) and MoE layer: processed patches under vanilla
-    and BPR, the BPR priority (top gate) and the top-1 expert of each patch."""
+    """One block per image: rows are the panel kinds (patches processed
+    under vanilla routing and under BPR, the BPR priority, the top-1
+    expert), columns the MoE layers; a legend names the colours."""
+    from matplotlib import cm, colors
+    from matplotlib.patches import Patch
     layers = list(maps)
-    n_img = images.shape[0]
-    cols = 1 + 4 * len(layers)
-    fig, axes = plt.subplots(n_img, cols, figsize=(1.6 * cols, 1.7 * n_img + 0.6), squeeze=False)
+    n_img, kinds = images.shape[0], len(_TOKEN_KINDS)
+    experts = int(max(maps[n]["expert"].max() for n in layers)) + 1
+    rows, cols = n_img * kinds, 1 + len(layers)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.15 * cols + 1.2, 1.15 * rows + 1.4), squeeze=False,
+                             layout="constrained")
+    priority_max = max(float(maps[n]["priority"].max()) for n in layers) or 1.0
     for i in range(n_img):
-        axes[i, 0].imshow(images[i], cmap="gray")
-        axes[i, 0].set_title(f"image {i}", fontsize=7)
-        for j, layer in enumerate(layers):
-            m = maps[layer]
-            panels = [("vanilla kept", m["vanilla"][i], "Greens", (0, 1)),
-                      ("BPR kept", m["bpr"][i], "Greens", (0, 1)),
-                      ("priority", m["priority"][i], "magma", (0, None)),
-                      ("expert", m["expert"][i], "tab10", (0, 9))]
-            for c, (name, grid, cmap, (lo, hi)) in enumerate(panels):
-                ax = axes[i, 1 + 4 * j + c]
+        for r, (label, key, cmap) in enumerate(_TOKEN_KINDS):
+            row = i * kinds + r
+            axes[row, 0].axis("off")
+            if r == 0:
+                axes[row, 0].imshow(images[i], cmap="gray")
+                axes[row, 0].set_title(f"image {i}", fontsize=8)
+            axes[row, 1].set_ylabel(label, fontsize=7)
+            for j, layer in enumerate(layers):
+                grid = maps[layer][key][i]
+                lo, hi = {"priority": (0, priority_max), "expert": (0, 9)}.get(key, (0, 1))
+                ax = axes[row, 1 + j]
                 ax.imshow(images[i], cmap="gray", extent=(0, grid.shape[1], grid.shape[0], 0))
                 ax.imshow(grid, cmap=cmap, alpha=0.6, vmin=lo, vmax=hi,
                           extent=(0, grid.shape[1], grid.shape[0], 0), interpolation="nearest")
-                if i == 0:
-                    ax.set_title(f"{layer.replace('encoderblock_', 'L')} {name}", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"Token maps at C={capacity_factor}: green = patch processed by >= 1 expert; "
-                 "priority = top gate; expert = top-1 expert id", fontsize=9)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(layer.replace("encoderblock_", "block "), fontsize=8)
+    handles = [Patch(color=cm.Greens(0.9), alpha=0.6, label="processed by >= 1 expert"),
+               Patch(color=cm.Greens(0.0), label="dropped (rides the residual)")]
+    handles += [Patch(color=cm.tab10(e / 9 if experts <= 10 else e % 10 / 9), alpha=0.8, label=f"expert {e}")
+                for e in range(min(experts, 10))]
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=7, frameon=False)
+    mappable = cm.ScalarMappable(norm=colors.Normalize(0, priority_max), cmap="magma")
+    fig.colorbar(mappable, ax=axes, location="right", shrink=0.25, label="BPR priority (top gate)")
+    fig.suptitle(f"Token maps at capacity factor C={capacity_factor}", fontsize=10)
     _save(fig, path)
 
 
