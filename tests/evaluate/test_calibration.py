@@ -29,7 +29,7 @@ def _cal(pairs, reference=0):
 def test_a_flops_request_gets_the_most_accurate_point_within_it(pairs, relative):
     cal = _cal(pairs)
     budget = relative * cal.full.flops_per_image
-    fitting = [p for p in cal.points if p.flops_per_image <= budget]
+    fitting = [p for p in cal.points if p.flops_per_image <= budget * (1 + 1e-9)]  # the rule's rounding slack
     if not fitting:
         with pytest.raises(ValueError, match="cheapest is"):
             choose(cal, relative=relative)

@@ -106,7 +106,9 @@ def choose(cal: Calibration, flops: Optional[float] = None, relative: Optional[f
            accuracy_drop: Optional[float] = None) -> Point:
     """The frontier point for one request (exactly one of):
 
-    - `flops`: the most accurate point at or under this many FLOPs per image;
+    - `flops`: the most accurate point at or under this many FLOPs per image
+      (1e-9 relative slack, so that `relative=p.flops / full.flops` picks p
+      despite float rounding);
     - `relative`: the same at `relative` x the reference point's FLOPs;
     - `accuracy_drop`: the cheapest point within `accuracy_drop` (absolute
       top-1) of the reference point's accuracy.
