@@ -73,15 +73,16 @@ def test_a_preset_that_does_not_build_the_saved_model_is_refused(tmp_path, upcyc
 
 
 def test_keywords_that_change_the_architecture_are_refused(tmp_path):
-    src = timm.create_model(PRESET, num_classes=10).eval()
+    src = timm.create_model(PRESET, num_classes=7).eval()  # the preset itself has 10 classes
     torch.nn.init.normal_(src.head.weight)
     save_pretrained(src, str(tmp_path / "m"))
     with pytest.raises(ValueError, match=r"classifier: saved 'token', requested 'gap'"):
         _open(tmp_path / "m", global_pool="avg")
     with pytest.raises(ValueError, match="classifier"):
         _open(tmp_path / "m", "vmoe_pretrained", global_pool="avg")
-    # The preset's 1000 classes are not the file's 10: the saved head is loaded, not dropped.
+    # The preset's 10 classes are not the file's 7: the saved head is loaded, not dropped.
     same = _open(tmp_path / "m")
+    assert same.num_classes == 7 and same.pretrained_cfg["num_classes"] == 7
     with torch.no_grad():
         torch.testing.assert_close(same(_x()), src(_x()), rtol=0, atol=0)
     # Run-time settings may change: dropout, drop path, routing.
