@@ -115,3 +115,67 @@ def test_soft_moe_point_at_matched_compute_and_soft_models_rejected(trained, tmp
              "processed_fraction": 0.9} for c in (0.5, 1.0) for b in (False, True)]
     plot_capacity_sweep(rows, str(tmp_path / "sweep.png"), soft=point)
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_one_self_contained_html_page_with_the_calibration_curve(trained, tmp_path):
+    """report.html: every figure and datum inline (nothing fetched), the
+    token maps as data a script draws, and the accuracy-compute curve of a
+    calibrated model."""
+    import re
+
+    from vmoe_torch.storage.calibration import Calibration, Point
+    own = {"num_selected_experts": 2, "capacity_factor": 1.05, "batch_priority": False, "dropless": False}
+    cheap = {**own, "num_selected_experts": 1, "capacity_factor": 0.5, "batch_priority": True}
+    trained.model.calibration = Calibration([Point(own, 0.8, 2e6), Point(cheap, 0.7, 1e6),
+                                             Point({**cheap, "batch_priority": False}, 0.6, 1e6)], reference=0)
+    try:
+        analyze(trained.model, trained.test_ds, str(tmp_path), 32, capacity_factors=(0.25, 1.0), num_map_images=2)
+    finally:
+        trained.model.calibration = None
+    page = (tmp_path / "report.html").read_text()
+    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert sources and all(s.startswith("data:") for s in sources)  # nothing outside the file
+    assert page.count("data:image/png;base64,") == 5
+    assert "<polyline" in page and page.count("<circle") == 3  # the points, and the frontier as a line
+    data = json.loads(re.search(r"<script type='application/json' id='token-data'>(.*?)</script>", page, re.S)
+                      .group(1).replace("<\\/", "</"))
+    assert data["layers"] == list(trained.model.moe_layers()) and len(data["images"]) == 2
+    grid = data["maps"][data["layers"][0]]["expert"][0]
+    assert len(grid) == trained.model.pos_grid[0] and len(grid[0]) == trained.model.pos_grid[1]
+    for heading in ("Accuracy against compute", "BPR against vanilla", "Expert usage", "Token maps"):
+        assert heading in page
+    bare = tmp_path / "bare"
+    analyze(trained.model, trained.test_ds, str(bare), 32, capacity_factors=(1.0,), num_map_images=1)
+    assert "vmoe calibrate" in (bare / "report.html").read_text()
+
+
+def test_the_token_map_script_runs_and_hovers(trained, tmp_path):
+    """The page's script, run by node against a minimal DOM (no browser
+    here): it draws four maps per image and a hovered patch names its
+    routing. Skipped where node is not installed."""
+    import shutil
+    import subprocess
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    analyze(trained.model, trained.test_ds, str(tmp_path), 32, capacity_factors=(1.0,), num_map_images=2)
+    harness = tmp_path / "dom.js"
+    harness.write_text(r"""
+const fs=require('fs');const page=fs.readFileSync(process.argv[2],'utf8');
+const data=page.match(/<script type='application\/json' id='token-data'>([\s\S]*?)<\/script>/)[1];
+const script=page.match(/<script>([\s\S]*?)<\/script>/)[1];
+function el(tag){return {tag,children:[],style:{},appendChild(c){this.children.push(c);},
+ set innerHTML(v){this.children=[];}, getContext(){return {fillRect(){},set fillStyle(v){}};},
+ getBoundingClientRect(){return {left:0,top:0,width:120,height:120};}};}
+const nodes={'token-data':{textContent:data},tip:el('div'),maps:el('div')};
+global.document={getElementById:id=>nodes[id],createElement:el};
+eval(script);
+const canvases=[];(function walk(n){if(n.tag==='canvas')canvases.push(n);(n.children||[]).forEach(walk);})(nodes.maps);
+canvases[0].onmousemove({clientX:10,clientY:10});
+console.log(JSON.stringify({canvases:canvases.length,tip:nodes.tip.textContent}));
+""")
+    out = subprocess.run([node, str(harness), str(tmp_path / "report.html")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["canvases"] == 2 * 4 and got["tip"].startswith("patch (0, 0): vanilla ")

@@ -33,6 +33,7 @@ from ..evaluate.classification import routing_grid
 from ..models.ensemble import ensemble_log_probs
 from ..utils.io import atomic_write_json, atomic_write_text
 from . import plots
+from .html import token_data, write_html
 from .recording import record_routing
 from .stats import (
     accuracy_by_group_position,
@@ -113,7 +114,9 @@ def analyze(model, test_ds, out_dir: str, eval_batch_size: int = 128,
             soft_model=None) -> dict[str, Any]:
     """The routing analysis of a top-K model on `test_ds`: capacity sweep,
     specialisation, token maps, expert load and reliance on the experts;
-    writes analysis.json, report.md, CSVs and figures to `out_dir`."""
+    writes analysis.json, report.md, CSVs and figures to `out_dir`, and
+    report.html, one self-contained page of it all (with the model's
+    calibration curve when it has one)."""
     layers = model.moe_layers()
     if not layers:
         raise ValueError("The analysis needs a model with MoE layers.")
@@ -130,11 +133,12 @@ def analyze(model, test_ds, out_dir: str, eval_batch_size: int = 128,
                               "group_size": run.group_size}
     sweep_rows = _capacity_sweep(run, result, capacity_factors, sweep_rows, soft_model)
     labels, load, gate_mean = _specialisation(run, result, capacity_factors)
-    _token_maps(run, result, low_capacity, num_map_images)
+    tokens = _token_maps(run, result, low_capacity, num_map_images)
     _expert_load(run, result, sweep_rows, load)
     _reliance(run, result, labels, gate_mean, low_capacity)
     atomic_write_json(run.path("analysis.json"), result)
     _write_report(result, out_dir)
+    write_html(result, out_dir, tokens, getattr(model, "calibration", None))
     return result
 
 
@@ -176,7 +180,7 @@ def _specialisation(run: _Run, result: dict[str, Any], capacity_factors: Sequenc
     return labels, load, gate_mean
 
 
-def _token_maps(run: _Run, result: dict[str, Any], low_capacity: float, num_map_images: int) -> None:
+def _token_maps(run: _Run, result: dict[str, Any], low_capacity: float, num_map_images: int) -> dict[str, Any]:
     """3. Token maps at low capacity (vanilla vs BPR) on the first eval batch."""
     model, tokens = run.model, run.tokens_per_image
     prefix, (grid_h, grid_w) = model.num_prefix_tokens, model.pos_grid
@@ -204,6 +208,7 @@ def _token_maps(run: _Run, result: dict[str, Any], low_capacity: float, num_map_
     result["token_maps"] = {"images": picks.tolist(), "capacity_factor": low_capacity,
                             "processed_fraction": {n: {k: float(maps[n][k].mean()) for k in ("vanilla", "bpr")}
                                                    for n in run.layers}}
+    return token_data(shown, maps, picks.tolist())
 
 
 def _expert_load(run: _Run, result: dict[str, Any], sweep_rows: list[dict], load: dict[str, Any]) -> None:

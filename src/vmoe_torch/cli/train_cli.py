@@ -244,7 +244,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     soft = load_model(args.soft_moe) if args.soft_moe else None
     res = analyze(model, test, args.out, cfg.data.eval_batch_size, num_map_images=args.images,
                   soft_model=soft)
-    print(f"report: {os.path.join(args.out, 'report.md')}")
+    print(f"report: {os.path.join(args.out, 'report.md')} (one page: {os.path.join(args.out, 'report.html')})")
     for s in res["specialisation"]:
         print(f"  {s['name']}: class/expert NMI {s['value']:.3f}")
     if "soft_moe" in res:
