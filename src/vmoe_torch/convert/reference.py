@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..models.vit_moe import VisionTransformerMoe
+from ..utils.state import refuse_nonfinite
 from .mapping import map_reference_name, torch_to_reference
 from .native import iter_reference_checkpoint, read_index, write_reference_checkpoint
 from .reference_config import config_from_reference, config_to_reference
@@ -106,11 +107,7 @@ def model_to_reference(model: VisionTransformerMoe, prefix: str, num_shards: int
     kwargs = config_to_reference(model.config)  # raises for what the reference cannot express
     state = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     if not allow_nonfinite:
-        bad = [k for k, v in state.items() if not np.isfinite(v).all()]
-        if bad:
-            raise ValueError(f"{len(bad)} tensors hold NaN or Inf values ({', '.join(bad[:3])}): the model "
-                             f"diverged. Nothing was written to {prefix!r}; pass allow_nonfinite=True to "
-                             "write it anyway.")
+        refuse_nonfinite(state, prefix)
     cfg = model.config
     ensemble = cfg.moe.ensemble_size if cfg.moe is not None else 1
     params = torch_to_reference(state, cfg.num_heads, ensemble)

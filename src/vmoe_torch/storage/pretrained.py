@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..config.model import ModelConfig
 from ..config.typed import from_dict, to_dict
 from ..utils.io import atomic_directory, atomic_write_text, looks_like_pickle
-from ..utils.state import state_mismatch
+from ..utils.state import refuse_nonfinite, state_mismatch
 from .calibration import Calibration, write_calibration
 from .model_card import model_card
 
@@ -101,11 +101,7 @@ def write_pretrained(state: Mapping[str, torch.Tensor], cfg: ModelConfig, out_di
     + README.md atomically to `out_dir`. Weights with NaN or Inf values are
     refused (a diverged model) unless `allow_nonfinite`."""
     if not allow_nonfinite:
-        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise ValueError(f"{len(bad)} tensors hold NaN or Inf values ({', '.join(bad[:3])}"
-                             f"{', ...' if len(bad) > 3 else ''}): the model diverged. Nothing was written to "
-                             f"{out_dir!r}; pass allow_nonfinite=True to write it anyway.")
+        refuse_nonfinite(state, out_dir)
     with atomic_directory(out_dir, overwrite) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, os.path.join(tmp, "model.safetensors"),

@@ -18,8 +18,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..convert.timm_checkpoint import read_timm_checkpoint
 from ..utils.io import looks_like_pickle
-from ..utils.torch_files import UnsafeFileError, load_torch_file
 
 State = dict[str, torch.Tensor]
 
@@ -54,23 +54,16 @@ class WeightFile:
 
 
 def _load_torch(path: str) -> WeightFile:
+    """A torch file's weights (`convert.timm_checkpoint`: weights only, the
+    usual training-checkpoint wrappers, timm's recorded `arch` and `args`)."""
     try:
-        obj = load_torch_file(path)
-    except UnsafeFileError as e:
-        raise SourceError(str(e)) from e
-    meta: dict[str, Any] = {}
-    if isinstance(obj, dict):
-        if isinstance(obj.get("arch"), str):
-            meta["arch"] = obj["arch"]
-        if hasattr(obj.get("args"), "__dict__"):
-            meta["args"] = dict(vars(obj["args"]))
-    for key in ("state_dict", "model", "module"):  # common training-checkpoint wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SourceError(f"{path!r} does not hold a state_dict of tensors.")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-    return WeightFile(state, path, meta)
+        ckpt = read_timm_checkpoint(path)
+    except ValueError as e:  # UnsafeFileError included: nothing is unpickled
+        raise SourceError(f"{e} ({path})" if path not in str(e) else str(e)) from e
+    meta: dict[str, Any] = {"args": ckpt.args} if ckpt.args else {}
+    if ckpt.arch:
+        meta["arch"] = ckpt.arch
+    return WeightFile(ckpt.state_dict, path, meta)
 
 
 def load_torch(path: str) -> State:
