@@ -40,3 +40,14 @@ def logged_losses(workdir) -> dict[int, float]:
             except json.JSONDecodeError:
                 pass
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def perturb(module, seed=0):
+    """Random non-trivial values everywhere (zero biases / unit norms would
+    hide mistakes in a weight mapping); eval mode."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return module.eval()

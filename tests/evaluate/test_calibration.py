@@ -85,8 +85,10 @@ def calibrated(trained, tmp_path_factory):
     cfg = load_config(None, TINY)
     _, test = build_datasets(cfg.data)
     model = trained.model.eval()
+    before = model.routing_settings()
     cal = calibrate(model, lambda: eval_batches(test, 64), batch_size=32, repeats=1,
                     capacity_factors=(0.25, 1.05, 2.0))
+    assert model.routing_settings() == before  # every measured setting was undone
     return model, cal
 
 

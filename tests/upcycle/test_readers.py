@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import MODELS, load_json
+from helpers import perturb
 from safetensors.torch import save_file
 
 from vmoe_torch.upcycling import SourceError, dense_model, read_dense
@@ -25,21 +26,12 @@ def _ours(model):
         return model(IMAGES_01 * 2 - 1)
 
 
-def _perturb(module, seed=0):
-    """Random non-trivial values everywhere (zero biases / unit norms would hide mistakes)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return module.eval()
-
-
 def _timm_vit(**kw):
     from timm.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
     base = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0, num_classes=7)
     base.update(kw)
-    return _perturb(VisionTransformer(**base))
+    return perturb(VisionTransformer(**base))
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(class_token=False, global_pool="avg"),
@@ -72,7 +64,7 @@ def test_timm_pth_and_module_and_nonstandard_normalisation(tmp_path):
 def test_torchvision_vit_equals_its_forward(tmp_path):
     from torchvision.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
-    src = _perturb(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=48,
+    src = perturb(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=48,
                                      mlp_dim=96, num_classes=5, representation_size=24))
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "tv.safetensors"))
     ours = dense_model(str(tmp_path / "tv.safetensors"), "torchvision", num_heads=4)
@@ -88,7 +80,7 @@ def test_huggingface_vit_directory_equals_its_forward(cls_name, tmp_path):
     cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=96, num_labels=6)
     torch.manual_seed(0)
-    src = _perturb(getattr(transformers, cls_name)(cfg))
+    src = perturb(getattr(transformers, cls_name)(cfg))
     src.save_pretrained(str(tmp_path / "hf"))   # config.json + model.safetensors
     (tmp_path / "hf" / "preprocessor_config.json").write_text(
         '{"image_processor_type": "ViTImageProcessor", "image_mean": [0.5, 0.5, 0.5], '

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import perturb
 from safetensors.torch import save_file
 
 from vmoe_torch.upcycling import SourceError, dense_model, read_dense, upcycle
@@ -23,14 +24,6 @@ HF_IMAGENET = {"image_processor_type": "ViTImageProcessor", "image_mean": [0.485
                "image_std": [0.229, 0.224, 0.225], "do_normalize": True, "do_rescale": True}
 
 
-def _perturb(module, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return module.eval()
-
-
 def _ours(model, images=IMAGES_01):
     with torch.no_grad():
         return model(images * 2 - 1)
@@ -44,7 +37,7 @@ def _hf(cls_name):
     cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
                                  num_attention_heads=4, intermediate_size=96, num_labels=6)
     torch.manual_seed(0)
-    return _perturb(getattr(transformers, cls_name)(cfg))
+    return perturb(getattr(transformers, cls_name)(cfg))
 
 
 def _hf_reference(src, pixel_values):
@@ -81,7 +74,7 @@ def test_live_huggingface_module_without_a_normalisation_is_refused():
 def _deit(**kw):
     torch.manual_seed(0)
     args = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7)
-    return _perturb(timm.create_model("deit_tiny_patch16_224", **{**args, **kw}))
+    return perturb(timm.create_model("deit_tiny_patch16_224", **{**args, **kw}))
 
 
 def test_deit_normalisation_from_the_live_model_and_from_timm_config_json(tmp_path):
@@ -125,7 +118,7 @@ def test_timm_small_described_only_by_its_moe_part():
     paper's table) upcycles from "E=4, K=2, Every 2"; forced dense routing
     (K = E, nothing dropped) computes timm's forward."""
     torch.manual_seed(0)
-    src = _perturb(timm.create_model("vit_small_patch16_224", img_size=32, num_classes=5), seed=2)
+    src = perturb(timm.create_model("vit_small_patch16_224", img_size=32, num_classes=5), seed=2)
     assert src.embed_dim == 384 and len(src.blocks) == 12
     moe = upcycle(src, "E=4, K=2, Every 2")
     assert moe.config.hidden_size == 384 and moe.config.num_heads == 6

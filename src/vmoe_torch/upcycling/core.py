@@ -19,7 +19,6 @@ from ..config.descriptions import parse_description, parse_moe_description
 from ..config.model import ModelConfig, MoeConfig
 from ..models.vit_moe import VisionTransformerMoe
 from .files import SourceError
-from .readers import DenseSource
 from .sources import Source, load_into, read_dense
 
 
@@ -89,8 +88,7 @@ def upcycle(source: Source, model: Union[str, MoeConfig, ModelConfig], *, source
         then computes the dense model exactly (to float32 rounding) when every
         token reaches every expert (K = E, nothing dropped).
     """
-    src = source if isinstance(source, DenseSource) else read_dense(source, source_format,
-                                                                    **dict(read_options or {}))
+    src = read_dense(source, source_format, **dict(read_options or {}))  # a DenseSource is returned as is
     if src.config.moe is not None:
         raise SourceError("The source is already a V-MoE.")
     moe = _target_moe(src.config, model)

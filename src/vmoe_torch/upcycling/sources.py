@@ -109,12 +109,12 @@ def read_dense(source: Source, source_format: Optional[str] = None, *, num_heads
         return _resolved(src, given, None)
     loaded = read_weight_file(path)
     fmt = source_format or detect_format(list(loaded.state))
-    timm_cfg = _folder_json(loaded.file, "config.json") if fmt == "timm" else None
-    if kw["num_heads"] is None and timm_cfg and isinstance(timm_cfg.get("model_args"), dict):
-        kw["num_heads"] = timm_cfg["model_args"].get("num_heads")  # recorded by save_for_hf(model_args=)
+    folder_cfg = _folder_json(loaded.file, "config.json") if fmt in ("timm", "hf") else None
+    if fmt == "timm" and kw["num_heads"] is None and folder_cfg and isinstance(folder_cfg.get("model_args"), dict):
+        kw["num_heads"] = folder_cfg["model_args"].get("num_heads")  # recorded by save_for_hf(model_args=)
     src = _from_state(loaded.state, fmt, classifier, f"{fmt} {loaded.file}", **kw,
-                      hf_config=_folder_json(loaded.file, "config.json") if fmt == "hf" else None)
-    recorded, hint = _recorded(loaded, fmt)
+                      hf_config=folder_cfg if fmt == "hf" else None)
+    recorded, hint = _recorded(loaded, fmt, folder_cfg)
     return _resolved(src, given, recorded, hint)
 
 
@@ -127,8 +127,10 @@ def _folder_json(file: str, name: str) -> Optional[dict[str, Any]]:
     return load_json(os.path.join(os.path.dirname(file), name))
 
 
-def _recorded(loaded: WeightFile, fmt: str) -> tuple[Optional[norms.Normalization], str]:
-    """The normalisation a weight file's folder or checkpoint records."""
+def _recorded(loaded: WeightFile, fmt: str, cfg: Optional[dict[str, Any]]
+              ) -> tuple[Optional[norms.Normalization], str]:
+    """The normalisation a weight file's folder (`cfg`: its config.json) or
+    checkpoint records."""
     name = os.path.basename(loaded.file)
     if fmt == "hf":
         pre = _folder_json(loaded.file, "preprocessor_config.json")
@@ -136,7 +138,6 @@ def _recorded(loaded: WeightFile, fmt: str) -> tuple[Optional[norms.Normalizatio
                 f" (no preprocessor_config.json beside {name})")
     if fmt != "timm":
         return None, ""
-    cfg = _folder_json(loaded.file, "config.json")
     if cfg and ("pretrained_cfg" in cfg or "architecture" in cfg):  # timm save_for_hf / the Hub
         return norms.from_timm_cfg(cfg, "config.json pretrained_cfg"), ""
     args, arch = loaded.meta.get("args") or {}, loaded.meta.get("arch")
