@@ -96,3 +96,47 @@ def test_load_model_skips_an_unreadable_newest_checkpoint(tmp_path):
     with pytest.warns(UserWarning, match="step_00000004"):
         model = load_model(str(tmp_path))
     assert model.config.moe is not None
+
+
+@pytest.mark.parametrize("outcome, code", [("ok", 0), ("refused", 2), ("bug", 1)])
+def test_a_torchrun_worker_leaves_through_os_exit_on_every_path(monkeypatch, capsys, outcome, code):
+    """Under torchrun the interpreter's finalisation can meet gloo's threads
+    and abort (SIGABRT) after a finished run too, so every path, success
+    included, ends in os._exit with the command's code; an unexpected error
+    still prints its traceback first. Outside torchrun nothing changes."""
+    from vmoe_torch.cli import main as cli_main
+
+    def command(args):
+        if outcome == "refused":
+            raise ValueError("a bad input")
+        if outcome == "bug":
+            raise RuntimeError("a defect")
+        return 0
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(c):
+        raise Exited(c)
+    parser = cli_main.build_parser()
+    real_parse = parser.parse_args
+    monkeypatch.setattr(cli_main, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: _with_func(real_parse(argv), command))
+    monkeypatch.setattr(cli_main.os, "_exit", fake_exit)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    with pytest.raises(Exited) as exited:
+        cli_main.main(["models"])
+    assert exited.value.args == (code,)
+    err = capsys.readouterr().err
+    assert ("RuntimeError: a defect" in err) == (outcome == "bug")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    if outcome == "bug":
+        with pytest.raises(RuntimeError, match="a defect"):
+            cli_main.main(["models"])
+    else:
+        assert cli_main.main(["models"]) == code
+
+
+def _with_func(args, func):
+    args.func = func
+    return args

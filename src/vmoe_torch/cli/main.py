@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from typing import Optional, Sequence
 
 from . import budget, convert, models, serve, timm_cli, train_cli, upcycle
@@ -27,22 +28,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except EXPECTED as e:
-        if args.debug:
+        if args.debug and not _torchrun_worker():
             raise
+        if args.debug:
+            traceback.print_exc()
         report(args.command, e)
         return leave(2)
+    except Exception:
+        if not _torchrun_worker():
+            raise
+        traceback.print_exc()  # what an uncaught error prints, then the same exit as every path
+        return leave(1)
+    return leave(code)
+
+
+def _torchrun_worker() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def leave(code: int) -> int:
-    """`code`, for the caller to exit with. A torchrun worker that failed has
-    torn its process group down already (`train_cli`); it exits at once, so
-    that the interpreter's finalisation, which can still meet gloo's
-    background threads and abort ("terminate called without an active
-    exception", SIGABRT: seen once in about thirty refused runs), does
-    not turn a clean refusal into a crash."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    """`code`, for the caller to exit with. A torchrun worker has torn its
+    process group down already (`train_cli`, on every path); it exits at
+    once, success included, so that the interpreter's finalisation, which
+    can still meet gloo's background threads and abort ("terminate called
+    without an active exception", SIGABRT: seen about once in thirty
+    refused runs, and once on a successful restart), does not turn a
+    finished run or a clean refusal into a crash. Every file the command
+    writes is closed before it returns; only the standard streams are
+    flushed here."""
+    if _torchrun_worker():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
