@@ -4,8 +4,14 @@ budget; reports requests/s, images/s and p50 / p99 latency per budget, in
 one run, with the CPU's ISA. The served model must be calibrated for the
 budget rows (vmoe calibrate).
 
+Each runtime in --runtimes (eager, exported: `vmoe serve --runtime`) gets
+its own server, one after the other, so that the rows compare them on the
+same machine in the same run; the exported server's programs are exported
+by a warm-up request per budget, outside the timed window.
+
 Usage: python benchmarks/serve_load.py MODEL_DIR [--clients 8] [--seconds 10]
        [--images 4] [--budgets own,relative=0.5] [--format png|array]
+       [--runtimes eager,exported]
 """
 from __future__ import annotations
 
@@ -92,30 +98,37 @@ def main() -> None:
     ap.add_argument("--budgets", default="own,relative=0.5")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--format", choices=("png", "array"), default="png", help="how requests carry images")
+    ap.add_argument("--runtimes", default="eager,exported")
     args = ap.parse_args()
     cfg = from_pretrained(args.model).config
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, *cfg.image_size, cfg.in_chans)).astype(np.uint8)
+    print(f"{platform.processor() or platform.machine()}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, {os.cpu_count()} cores; "
+          f"{args.clients} clients x {args.images} {args.format} images / request for {args.seconds:g} s each, "
+          f"server batches up to {args.max_batch} images")
+    print("| runtime | budget | setting | MFLOPs / image | requests / s | images / s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for runtime in args.runtimes.split(","):
+        _serve_rows(args, runtime, images)
+
+
+def _serve_rows(args: argparse.Namespace, runtime: str, images: np.ndarray) -> None:
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "vmoe_torch.cli.main", "serve", args.model, "--port", str(port),
-                               "--max-batch", str(args.max_batch)], stdout=subprocess.DEVNULL)
+                               "--max-batch", str(args.max_batch), "--runtime", runtime], stdout=subprocess.DEVNULL)
     try:
-        for _ in range(600):
+        for _ in range(1200):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
                 break
             except OSError:
                 time.sleep(0.1)
-        print(f"{platform.processor() or platform.machine()}, CPU capability "
-              f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, {os.cpu_count()} cores; "
-              f"{args.clients} clients x {args.images} {args.format} images / request for {args.seconds:g} s each, "
-              f"server batches up to {args.max_batch} images")
-        print("| budget | setting | MFLOPs / image | requests / s | images / s | p50 ms | p99 ms |")
-        print("|---|---|---|---|---|---|---|")
         for text in args.budgets.split(","):
             budget = None if text == "own" else {text.split("=")[0]: float(text.split("=")[1])}
+            _run(port, args.clients, 1.0, images, budget, args.format)  # warm-up (exports the budget's program)
             r = _run(port, args.clients, args.seconds, images, budget, args.format)
-            print(f"| {text} | {r['setting']} | {r['flops'] / 1e6:.2f} | {r['requests_per_s']:.1f} | "
+            print(f"| {runtime} | {text} | {r['setting']} | {r['flops'] / 1e6:.2f} | {r['requests_per_s']:.1f} | "
                   f"{r['images_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |", flush=True)
     finally:
         server.send_signal(signal.SIGTERM)

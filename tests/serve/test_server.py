@@ -82,9 +82,13 @@ def _post(port, body, raw=None):
         return e.code, json.loads(e.read())
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    proc, port = _start(model_dir, "--max-batch", "12", "--batch-timeout-ms", "30", "--max-images", "8")
+@pytest.fixture(scope="module", params=["eager", "exported"])
+def server(model_dir, request):
+    """Both runtimes: with the exported one, a batch's whole routing groups
+    (8 images here) run through the budget's program, the rest eagerly."""
+    proc, port = _start(model_dir, "--max-batch", "12", "--batch-timeout-ms", "30", "--max-images", "8",
+                        "--runtime", request.param)
+    assert _get(port, "/health")[1]["runtime"]["runtime"] == request.param
     yield port
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
@@ -173,7 +177,7 @@ def test_every_bad_input_is_a_4xx_and_the_server_keeps_serving(server):
 
 @pytest.mark.reliability
 def test_sigterm_finishes_the_requests_in_flight(model_dir):
-    proc, port = _start(model_dir, "--batch-timeout-ms", "400", "--max-batch", "64")
+    proc, port = _start(model_dir, "--batch-timeout-ms", "400", "--max-batch", "64", "--runtime", "eager")
     rng = np.random.default_rng(1)
     answers = []
 

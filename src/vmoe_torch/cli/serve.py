@@ -17,6 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-timeout-ms", type=float, default=5.0,
                    help="how long a batch waits for more requests of its budget")
     p.add_argument("--max-images", type=int, default=64, help="images per request (more: 413)")
+    p.add_argument("--runtime", choices=("auto", "eager", "exported"), default="auto",
+                   help="run the model eagerly, or as torch.export programs (one per routing setting, "
+                        "exported on first use); auto measures both at start-up and keeps the faster")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=run)
 
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = VisionTransformerMoe.from_pretrained(args.model)
-    app = create_app(model, args.max_batch, args.batch_timeout_ms, args.max_images)
-    print(f"serving {args.model} on http://{args.host}:{args.port}", flush=True)
+    app = create_app(model, args.max_batch, args.batch_timeout_ms, args.max_images, runtime=args.runtime)
+    print(f"serving {args.model} on http://{args.host}:{args.port} ({app.state.runtime})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
     return 0

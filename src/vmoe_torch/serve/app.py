@@ -30,22 +30,26 @@ from ..evaluate.calibration import count_flops
 from ..storage.calibration import choose
 from .batcher import Batcher
 from .inputs import BadRequest, parse_budget, parse_images
+from .runtime import Eager, choose_runtime
 
 
 class Runner:
-    """Runs one batch at one budget (on the inference thread)."""
+    """Runs one batch at one budget (on the inference thread), through
+    `runtime` (`serve.runtime`: eager or exported programs) in the budget's
+    routing."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, runtime: Any = None) -> None:
         self.model = model.eval()
+        self.runtime = runtime or Eager(model)
         self.own_flops: Optional[float] = None if model.calibration is None else model.calibration.full.flops_per_image
 
     @torch.no_grad()
     def __call__(self, key: str, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         if key:
             with self.model.at_budget(**json.loads(key)) as chosen:
-                probs = self.model(images).softmax(-1)
+                probs = self.runtime(key, images).softmax(-1)
             return probs, {"routing": chosen.point.describe(), "flops_per_image": chosen.flops_per_image}
-        probs = self.model(images).softmax(-1)
+        probs = self.runtime(key, images).softmax(-1)
         if self.own_flops is None:  # measured once, on the first batch
             self.own_flops = count_flops(self.model, images)
         return probs, {"routing": "as configured", "flops_per_image": self.own_flops}
@@ -65,11 +69,14 @@ class Stats:
 
 
 def create_app(model: Any, max_batch: int = 64, batch_timeout_ms: float = 5.0, max_images: int = 64,
-               max_body_bytes: int = 32 << 20) -> Any:
-    """The FastAPI application serving `model` (a VisionTransformerMoe)."""
+               max_body_bytes: int = 32 << 20, runtime: str = "eager") -> Any:
+    """The FastAPI application serving `model` (a VisionTransformerMoe);
+    `runtime`: "eager", "exported" or "auto" (the faster of the two,
+    measured here: `serve.runtime.choose_runtime`)."""
     cfg = model.config
     stats = Stats()
-    batcher = Batcher(Runner(model), max_batch, batch_timeout_ms / 1000)
+    chosen, runtime_report = choose_runtime(model.eval(), runtime, max_batch)
+    batcher = Batcher(Runner(model, chosen), max_batch, batch_timeout_ms / 1000)
     state = {"status": "ok"}
 
     @contextlib.asynccontextmanager
@@ -79,6 +86,7 @@ def create_app(model: Any, max_batch: int = 64, batch_timeout_ms: float = 5.0, m
         await asyncio.to_thread(batcher.close)  # every accepted request is answered first
 
     app = FastAPI(title="vmoe-torch", lifespan=lifespan)
+    app.state.runtime = runtime_report
 
     def error(status: int, message: str) -> Any:
         stats.counts[f"errors_{status}"] += 1
@@ -125,7 +133,7 @@ def create_app(model: Any, max_batch: int = 64, batch_timeout_ms: float = 5.0, m
     async def health() -> Any:
         return {"status": state["status"], "pending": len(batcher.pending),
                 "image_size": list(cfg.image_size), "classes": cfg.num_classes,
-                "calibrated": model.calibration is not None}
+                "calibrated": model.calibration is not None, "runtime": runtime_report}
 
     @app.get("/metrics")
     async def metrics() -> Any:
