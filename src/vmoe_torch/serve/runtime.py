@@ -15,6 +15,7 @@ by `/health`.
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable
 
@@ -99,8 +100,8 @@ def choose_runtime(model: Any, requested: str, max_batch: int, repeats: int = 5)
     cfg = model.config
     images = torch.randn(max_batch, cfg.in_chans, *cfg.image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ms = {name: _median_ms(lambda r=r: r("", images), repeats)
-              for name, r in (("eager", eager), ("exported", exported))}
+        runs: dict[str, Callable[[str, torch.Tensor], torch.Tensor]] = {"eager": eager, "exported": exported}
+        ms = {name: _median_ms(functools.partial(r, "", images), repeats) for name, r in runs.items()}
     chosen: Any = exported if ms["exported"] < ms["eager"] else eager
     return chosen, {**report, "runtime": chosen.name, "reason": "faster", "ms_per_batch":
                     {k: round(v, 3) for k, v in ms.items()}}
