@@ -20,7 +20,7 @@ ifeq ($(shell uname -m),x86_64)
 NUMERICS += && ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTEST) -m numerics tests
 endif
 
-.PHONY: install demo test test-fast test-numerics test-gpu bench upcycle-experiment clean
+.PHONY: install demo test test-fast test-numerics test-gpu bench upcycle-experiment report-check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/expert_parallel.py
 	$(PY) benchmarks/convert_checkpoint.py
+
+# The demo's report.html in headless Chromium (after make demo): no console
+# error, nothing fetched, hover works; screenshots to docs/img. Installs
+# Debian's chromium when missing (needs root).
+report-check: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	$(PY) -m vmoe_torch.cli.main analyze $(DEMO_DIR)/moe/final --data configs/demo_moe.yaml --out $(DEMO_DIR)/analysis
+	VMOE_REPORT=$(DEMO_DIR)/analysis/report.html VMOE_SCREENSHOTS=docs/img \
+		$(PY) -m pytest -q -p no:cacheprovider tests/analysis/test_report_browser.py
 
 # Dense vs upcycled continuation on the bundled digits (docs/results.md); ~6 min.
 upcycle-experiment: $(STAMP)

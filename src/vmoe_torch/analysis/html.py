@@ -128,7 +128,8 @@ def write_html(res: dict[str, Any], out_dir: str, tokens: Optional[dict[str, Any
     if calibration is not None:
         rows = [[p.describe(), f"{p.top1:.4f}", f"{p.flops_per_image / 1e6:.2f}",
                  f"{p.flops_per_image / calibration.full.flops_per_image:.0%}"] for p in calibration.frontier()]
-        parts += [frontier_svg(calibration), "<p>Red: the Pareto frontier `model.at_budget(...)` chooses from.</p>",
+        parts += [frontier_svg(calibration),
+                  "<p>Red: the Pareto frontier <code>model.at_budget(...)</code> chooses from.</p>",
                   _table(rows, ["routing", "top-1", "MFLOPs / image", "of full"])]
     else:
         parts.append("<p>This model is not calibrated: run <code>vmoe calibrate MODEL_DIR</code> for the curve.</p>")
