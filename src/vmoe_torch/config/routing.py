@@ -5,10 +5,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
-RouterName = Literal["top_experts", "expert_choice", "soft"]
-ROUTERS: tuple[str, ...] = ("top_experts", "expert_choice", "soft")
+RouterName = Literal["top_experts", "expert_choice", "soft", "ot_sparse_ec", "ot_ksparse_tc", "ot_ksparse_ec",
+                     "ot_kl_tc", "ot_kl_ec"]
+# The sparsity-constrained optimal-transport routers (tc: tokens choose K
+# experts on the plan; ec: experts choose C tokens on the plan).
+OT_ROUTERS: tuple[str, ...] = ("ot_sparse_ec", "ot_ksparse_tc", "ot_ksparse_ec", "ot_kl_tc", "ot_kl_ec")
+ROUTERS: tuple[str, ...] = ("top_experts", "expert_choice", "soft") + OT_ROUTERS
+OT_GRADIENTS: tuple[str, ...] = ("none", "unrolled", "implicit")
 
 
 @dataclass(frozen=True)
@@ -17,8 +22,14 @@ class RoutingConfig:
 
     Attributes:
       router: "top_experts" (reference NoisyTopExpertsPerItemRouter, the
-        paper's), "expert_choice" (NoisyTopItemsPerExpertRouter) or "soft"
-        (Soft MoE, the reference's `soft_moe.router.SoftRouter`).
+        paper's), "expert_choice" (NoisyTopItemsPerExpertRouter), "soft"
+        (Soft MoE, the reference's `soft_moe.router.SoftRouter`), or one of
+        the sparsity-constrained optimal-transport routers of the reference's
+        `projects/sparsity_constrained_ot` (`vmoe_torch.moe.ot_routers`):
+        "ot_sparse_ec" (SparseProjectionTransportTopItemsPerExpertRouter),
+        "ot_ksparse_tc" / "ot_ksparse_ec" (KSparseProjectionTransport
+        TopExpertsPerItem / TopItemsPerExpert), "ot_kl_tc" / "ot_kl_ec"
+        (KLProjectionNoisy TopExpertsPerItem / TopItemsPerExpert).
       num_selected_experts: K, experts per token (top_experts only).
       capacity_factor: sparse routers: C = capacity_factor * S * K / E
         (rounded, see `compute_capacity`); exactly one of this and `capacity`
@@ -48,6 +59,18 @@ class RoutingConfig:
         matmuls; `vmoe_torch.moe.dispatch.DroplessDispatcher`). The
         capacity settings are then unused; a model trained with capacity
         can be run dropless at inference, and trained dropless.
+      ot_maxiter: the OT routers' solver iterations: Adam steps (L2 routers),
+        Sinkhorn iterations (run in blocks of 10 as ott-jax does:
+        floor(ot_maxiter / 10) * 10), or L-BFGS iterations.
+      ot_adam_lr: Adam's learning rate of the L2 routers' solver.
+      ot_lbfgs: "ot_kl_tc" solves with L-BFGS instead of Sinkhorn.
+      ot_softmax_combine: combine with the softmax of the router logits
+        (the reference's `use_softmax_combine_weights`, default) instead of
+        the plan's values.
+      ot_gradient: how gradients pass through the plan: "none", "unrolled"
+        or "implicit" (entropic routers only). None: the reference's
+        ("none" for the L2 routers, whose plans jaxopt computes from
+        stop-gradient projections; "implicit" for the KL routers).
     """
 
     router: RouterName = "top_experts"
@@ -66,6 +89,15 @@ class RoutingConfig:
     bfloat16_dispatch: Optional[bool] = None
     ablate: bool = False
     dropless: bool = False
+    ot_maxiter: int = 20
+    ot_adam_lr: float = 0.01
+    ot_lbfgs: bool = False
+    ot_softmax_combine: bool = True
+    ot_gradient: Optional[str] = None
+
+    # Written to files only when set (`config.typed.to_dict`).
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("ot_maxiter", "ot_adam_lr", "ot_lbfgs", "ot_softmax_combine",
+                                                  "ot_gradient")
 
     # ------------------------------------------------------------- derived
     @property
@@ -73,10 +105,27 @@ class RoutingConfig:
         return self.router == "soft"
 
     @property
+    def is_ot(self) -> bool:
+        return self.router in OT_ROUTERS
+
+    @property
+    def is_entropic(self) -> bool:
+        """An entropic (KL) OT router: noisy, with implicit gradients."""
+        return self.router in ("ot_kl_tc", "ot_kl_ec")
+
+    @property
     def effective_noise_std(self) -> float:
+        if self.is_ot and not self.is_entropic:
+            return 0.0  # the L2 OT routers take no noise (validated)
         if self.noise_std is not None:
             return self.noise_std
         return 0.0 if self.is_soft else 1.0
+
+    @property
+    def effective_ot_gradient(self) -> str:
+        if self.ot_gradient is not None:
+            return self.ot_gradient
+        return "implicit" if self.is_entropic else "none"
 
     @property
     def effective_bfloat16(self) -> bool:
@@ -134,10 +183,43 @@ class RoutingConfig:
         if self.dropless and self.router != "top_experts":
             raise ValueError(f"dropless applies to the top_experts router; {self.router!r} has no "
                              "dropped tokens to avoid (soft) or chooses tokens per expert (expert_choice).")
+        self._validate_ot()
         if self.is_soft:
             self._validate_soft()
         else:
             self._validate_sparse(num_experts)
+
+    def _validate_ot(self) -> None:
+        defaults = RoutingConfig()
+        ot_fields = ("ot_maxiter", "ot_adam_lr", "ot_lbfgs", "ot_softmax_combine", "ot_gradient")
+        if not self.is_ot:
+            changed = [f for f in ot_fields if getattr(self, f) != getattr(defaults, f)]
+            if changed:
+                raise ValueError(f"{changed} are settings of the optimal-transport routers "
+                                 f"({', '.join(OT_ROUTERS)}); router {self.router!r} does not use them.")
+            return
+        _check_type("ot_maxiter", self.ot_maxiter, int)
+        if self.ot_maxiter < 1:
+            raise ValueError(f"ot_maxiter must be >= 1, got {self.ot_maxiter}.")
+        _check_type("ot_adam_lr", self.ot_adam_lr, float)
+        if not (math.isfinite(self.ot_adam_lr) and self.ot_adam_lr > 0):
+            raise ValueError(f"ot_adam_lr must be a finite number > 0, got {self.ot_adam_lr}.")
+        for name in ("ot_lbfgs", "ot_softmax_combine"):
+            _check_type(name, getattr(self, name), bool)
+        if self.ot_lbfgs and self.router != "ot_kl_tc":
+            raise ValueError(f"ot_lbfgs applies to router 'ot_kl_tc' only (the reference's use_lbfgs); "
+                             f"{self.router!r} has one solver.")
+        gradient = self.effective_ot_gradient
+        if gradient not in OT_GRADIENTS:
+            raise ValueError(f"ot_gradient must be one of {list(OT_GRADIENTS)} or None, got {gradient!r}.")
+        if gradient == "implicit" and not self.is_entropic:
+            raise ValueError(f"ot_gradient='implicit' applies to the entropic routers (ot_kl_tc, ot_kl_ec); "
+                             f"for {self.router!r} use 'none' (the reference's) or 'unrolled'.")
+        if gradient == "unrolled" and self.ot_lbfgs:
+            raise ValueError("ot_gradient='unrolled' is not available with ot_lbfgs: use 'implicit' or 'none'.")
+        if not self.is_entropic and self.noise_std:
+            raise ValueError(f"Router {self.router!r} adds no noise (as the reference's L2 OT routers): "
+                             "leave noise_std unset or 0.")
 
     def _validate_sparse(self, num_experts: int) -> None:
         k = self.num_selected_experts

@@ -105,9 +105,16 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain JSON-ready data from a (nested) dataclass; tuples become lists."""
+    """Plain JSON-ready data from a (nested) dataclass; tuples become lists.
+
+    A dataclass may name fields that are written only when they differ from
+    their defaults (`OMIT_AT_DEFAULT`): settings added later, so that the
+    files of everything that does not use them stay as they were (saved
+    configs, run identities)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        omit = getattr(type(obj), "OMIT_AT_DEFAULT", ())
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.name in omit and getattr(obj, f.name) == f.default)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -20,7 +20,9 @@ from .dispatch import (
 from .experts import Experts
 from .groups import split_into_groups
 from .layer import MoeMlp
-from .routers import ExpertChoiceRouter, Router, SoftRouter, TopExpertsRouter, build_router
+from .ot_routers import OTExpertsChooseRouter, OTTokensChooseRouter
+from .router_factory import build_router
+from .routers import ExpertChoiceRouter, Router, SoftRouter, TopExpertsRouter
 from .routing import (
                        TopExpertsRouting,
                        TopItemsRouting,
@@ -38,7 +40,8 @@ __all__ = [
     "EinsumDispatcher", "ExpertChoiceDispatcher", "IndexDispatcher", "SoftDispatcher",
     "dense_combine_weights", "routing_to_dense", "top_items_to_dense", "Experts", "MoeMlp",
     "split_into_groups", "ExpertChoiceRouter", "Router", "SoftRouter", "TopExpertsRouter",
-    "build_router", "TopExpertsRouting", "TopItemsRouting", "gshard_loss", "importance_loss",
+    "build_router", "OTExpertsChooseRouter", "OTTokensChooseRouter",
+    "TopExpertsRouting", "TopItemsRouting", "gshard_loss", "importance_loss",
     "load_loss", "top_experts_per_item", "top_items_metrics", "top_items_per_expert",
     "soft_num_slots", "soft_router_logits", "soft_weights",
 ]

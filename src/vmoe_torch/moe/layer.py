@@ -14,7 +14,8 @@ from .dispatch import DroplessDispatcher
 from .experts import Experts
 from .groups import merge_runs, split_into_groups
 from .noise import GroupNoise
-from .routers import DISPATCH_IMPLS, Router, SoftRouter, _GatingRouter, build_router, reroute
+from .router_factory import build_router, reroute
+from .routers import DISPATCH_IMPLS, Router, SoftRouter, _GatingRouter
 
 Metrics = dict[str, Tensor]
 
