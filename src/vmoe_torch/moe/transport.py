@@ -177,7 +177,8 @@ def _semi_dual_entropic_plan(alpha: Tensor, logits: Tensor) -> Tensor:
 def _lbfgs_duals(logits: Tensor, maxiter: int, tol: float) -> Tensor:
     groups, size, experts = logits.shape
     alpha = torch.zeros(groups, size, dtype=logits.dtype, device=logits.device, requires_grad=True)
-    opt = torch.optim.LBFGS([alpha], lr=1, max_iter=maxiter, tolerance_grad=tol, tolerance_change=0.0,
+    opt = torch.optim.LBFGS([alpha], lr=1, max_iter=maxiter, max_eval=25 * maxiter, tolerance_grad=tol,
+                            tolerance_change=0.0,
                             history_size=10, line_search_fn="strong_wolfe")
     mass = size / experts
 
