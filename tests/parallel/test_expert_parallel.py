@@ -3,7 +3,7 @@
 Every case of `vmoe_torch.distributed.selfcheck.CASES` (E = 4, 8; K = 1, 2;
 vanilla and BPR; capacity 0.5, where tokens are dropped, and 1.05; Soft
 MoE; E^3; dropless, where each rank sends a variable number of rows to each
-expert) and 5 training steps (capacity 0.5 and dropless) run inside one
+expert; the optimal-transport routers, tokens- and experts-choose) and 5 training steps (capacity 0.5 and dropless) run inside one
 process group per world size.
 """
 from __future__ import annotations

@@ -34,6 +34,9 @@ CASES += [dict(num_experts=4, router="soft", num_slots=2, noise_std=0.5),
 # Dropless: a variable number of rows per expert and rank crosses the exchange.
 CASES += [dict(num_experts=4, num_selected_experts=2, dropless=True),
           dict(num_experts=8, num_selected_experts=2, batch_priority=True, dropless=True)]
+# Optimal-transport routers: tokens choose on an entropic plan (noisy), experts choose on a k-sparse one.
+CASES += [dict(num_experts=4, num_selected_experts=2, router="ot_kl_tc", batch_priority=True, capacity_factor=1.05),
+          dict(num_experts=4, router="ot_ksparse_ec", capacity_factor=1.0)]
 
 
 def _model(case: dict) -> VisionTransformerMoe:
