@@ -43,3 +43,19 @@ def test_one_nan_image_does_not_poison_its_routing_group(bpr, cf, k):
     assert torch.isfinite(dirty[1:]).all()
     if cf >= 4:  # nothing dropped: the other images' outputs do not move at all
         torch.testing.assert_close(dirty[1:], clean[1:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("router", ["ot_sparse_ec", "ot_ksparse_tc", "ot_ksparse_ec", "ot_kl_tc", "ot_kl_ec"])
+def test_one_nan_image_does_not_poison_an_optimal_transport_plan(router):
+    """The OT plan couples a group's tokens: a non-finite token takes part with
+    zero logits (so the plan stays finite), then takes no slot (tokens
+    choose) or only slots no finite token wants (experts choose)."""
+    torch.manual_seed(0)
+    model = create_model("vmoe_mi4_every2_e8_k2", router=router, capacity_factor=1.05).eval()
+    torch.nn.init.normal_(model.head.weight)
+    x = torch.randn(8, 3, 32, 32)
+    x[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        dirty = model(x)
+    assert torch.isnan(dirty[0]).all()
+    assert torch.isfinite(dirty[1:]).all()

@@ -103,3 +103,12 @@ def test_settings_are_written_only_when_used():
     from vmoe_torch.config.typed import to_dict
     assert not [k for k in to_dict(RoutingConfig()) if k.startswith("ot_")]
     assert to_dict(RoutingConfig(router="ot_kl_tc", ot_maxiter=50))["ot_maxiter"] == 50
+
+
+def test_through_timm_with_its_settings():
+    timm = pytest.importorskip("timm")
+    import vmoe_torch  # noqa: F401  (registers the architectures)
+    model = timm.create_model("vmoe_mi4_every2_e8_k2", num_classes=10, router="ot_kl_tc", ot_maxiter=30)
+    routing = model.config.moe.routing
+    assert (routing.router, routing.ot_maxiter) == ("ot_kl_tc", 30)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

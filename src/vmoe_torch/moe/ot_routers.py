@@ -73,6 +73,10 @@ class _OTRouter(_GatingRouter):
     def noise_shape(self, groups: int, group_size: int) -> tuple[int, ...]:
         return (groups, group_size, self.num_experts)
 
+    @staticmethod
+    def _exclude(plan: Tensor, finite: Tensor) -> Tensor:
+        raise NotImplementedError
+
     def plan(self, sim: Tensor, group_size: int) -> Tensor:
         """(G, S, E) similarity (softmax for the L2 routers, logits for the
         KL ones) -> (G, S, E) transport plan."""
@@ -98,14 +102,19 @@ class _OTRouter(_GatingRouter):
         r = self.config
         groups, size, _ = x.shape
         logits = self.logits(x)
+        # A non-finite token joins its group's problem with zero logits, so that
+        # it cannot turn the whole group's plan into NaN (`_exclude` then keeps
+        # it out of the other tokens' slots); finite inputs are unchanged.
+        finite = torch.isfinite(logits).all(-1, keepdim=True)
+        logits = torch.where(finite, logits, torch.zeros_like(logits))
         softmax = torch.softmax(logits, dim=-1)
         if not r.is_entropic:
-            return self.plan(softmax, size), softmax, logits, {}
+            return self._exclude(self.plan(softmax, size), finite), softmax, logits, {}
         ot_input, std = logits, r.effective_noise_std / self.num_experts
         noisy = self.training and std > 0
         if noisy:
             ot_input = logits + std * self._draw(noise, self.noise_shape(groups, size), logits, generator)
-        plan = self.plan(ot_input, size)
+        plan = self._exclude(self.plan(ot_input, size), finite)
         if r.router == "ot_kl_ec":
             return plan, torch.softmax(ot_input, dim=-1), logits, {}
         zero = logits.new_zeros(groups)
@@ -132,6 +141,11 @@ def _nonzero_counts(plan: Tensor, dim: int, name: str) -> Metrics:
 
 class OTTokensChooseRouter(_OTRouter):
     """`ot_ksparse_tc` and `ot_kl_tc`: top-K experts per token on the plan."""
+
+    @staticmethod
+    def _exclude(plan: Tensor, finite: Tensor) -> Tensor:
+        """A non-finite token's plan row is NaN: `top_experts_per_item` gives it no slot."""
+        return torch.where(finite, plan, torch.full_like(plan, float("nan")))
 
     def choices(self, group_size: int) -> int:
         return group_size * self.config.num_selected_experts
@@ -164,6 +178,12 @@ class OTTokensChooseRouter(_OTRouter):
 class OTExpertsChooseRouter(_OTRouter):
     """`ot_sparse_ec`, `ot_ksparse_ec` and `ot_kl_ec`: top-C tokens per
     expert on the plan."""
+
+    @staticmethod
+    def _exclude(plan: Tensor, finite: Tensor) -> Tensor:
+        """A non-finite token's plan row is -1, below every plan value: it is
+        taken only by an expert with more slots than finite tokens."""
+        return torch.where(finite, plan, torch.full_like(plan, -1.0))
 
     def choices(self, group_size: int) -> int:
         return group_size
