@@ -3,8 +3,9 @@
 Every case of `vmoe_torch.distributed.selfcheck.CASES` (E = 4, 8; K = 1, 2;
 vanilla and BPR; capacity 0.5, where tokens are dropped, and 1.05; Soft
 MoE; E^3; dropless, where each rank sends a variable number of rows to each
-expert; the optimal-transport routers, tokens- and experts-choose) and 5 training steps (capacity 0.5 and dropless) run inside one
-process group per world size.
+expert; the optimal-transport routers, tokens- and experts-choose) and 5
+training steps (capacity 0.5 and dropless) run inside one process group per
+world size.
 """
 from __future__ import annotations
 
