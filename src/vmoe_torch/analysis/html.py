@@ -146,8 +146,24 @@ def write_html(res: dict[str, Any], out_dir: str, tokens: Optional[dict[str, Any
     parts += [_png(os.path.join(out_dir, "token_maps.png")),
               "<h2>Expert load</h2>", _png(os.path.join(out_dir, "expert_load.png")),
               "<h2>Reliance on the experts</h2>", _png(os.path.join(out_dir, "reliance.png")),
-              _table([[n, f"{v:.4f}"] for n, v in res["ablation"].items()], ["setting", "top-1"]),
-              "</body></html>"]
+              _table([[n, f"{v:.4f}"] for n, v in res["ablation"].items()], ["setting", "top-1"])]
+    parts += _attack_section(out_dir) + ["</body></html>"]
     path = os.path.join(out_dir, "report.html")
     atomic_write_text(path, "\n".join(parts) + "\n")
     return path
+
+
+def _attack_section(out_dir: str) -> list[str]:
+    """Adversarial robustness, when `vmoe attack --out` wrote attack.json here."""
+    path = os.path.join(out_dir, "attack.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        results = json.load(f)
+    rows = [[label, f"{r['eps'] * 127.5:g}", f"{r['clean_top1']:.4f}", f"{r['adversarial_top1']:.4f}",
+             f"{r['prediction_changes']:.4f}",
+             ", ".join(f"{n} {v:.3f}" for n, v in r["routing_changes"].items()) or "-"]
+            for label, model_rows in results.items() for r in model_rows]
+    return ["<h2>Adversarial robustness (PGD)</h2>", _png(os.path.join(out_dir, "attack.png")),
+            _table(rows, ["model", "eps (grey levels)", "clean top-1", "attacked top-1", "predictions changed",
+                          "routing change per layer"])]

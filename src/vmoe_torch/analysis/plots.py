@@ -168,3 +168,26 @@ def plot_reliance(ablation: dict[str, float], position: dict[str, list[float]],
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def plot_attack(results: dict[str, list[dict[str, Any]]], path: str) -> None:
+    """Top-1 under PGD against eps (in grey levels of 255) per model, and
+    each MoE layer's routing change against eps."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, rows in results.items():
+        rows = sorted(rows, key=lambda r: r["eps"])
+        levels = [r["eps"] * 127.5 for r in rows]
+        ax1.plot(levels, [r["adversarial_top1"] for r in rows], marker="o", label=f"{label}: attacked")
+        ax1.axhline(rows[0]["clean_top1"], linestyle=":", color=ax1.lines[-1].get_color(),
+                    label=f"{label}: clean")
+        layers = sorted({name for r in rows for name in r["routing_changes"]})
+        for name in layers:
+            ax2.plot(levels, [r["routing_changes"].get(name, math.nan) for r in rows], marker=".",
+                     label=f"{label}: {name}")
+    ax1.set(xlabel="eps (grey levels of 255)", ylabel="top-1", title="Accuracy under PGD")
+    ax2.set(xlabel="eps (grey levels of 255)", ylabel="1 - IoU of selected experts",
+            title="Routing change per MoE layer")
+    ax1.legend(fontsize=7)
+    if ax2.lines:
+        ax2.legend(fontsize=6, ncol=2)
+    _save(fig, path)

@@ -7,7 +7,7 @@ import sys
 import traceback
 from typing import Optional, Sequence
 
-from . import budget, convert, models, serve, timm_cli, train_cli, upcycle
+from . import attack, budget, convert, models, serve, timm_cli, train_cli, upcycle
 from .errors import EXPECTED, report
 
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an expected error (a bad input or state) too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (convert, models, upcycle, budget, serve):
+    for module in (convert, models, upcycle, budget, serve, attack):
         module.add_parser(sub)
     train_cli.add_parsers(sub)
     timm_cli.add_parsers(sub)
