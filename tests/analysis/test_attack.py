@@ -104,3 +104,21 @@ def test_bad_requests_are_refused():
         pgd_attack(model, x, y, 0.1, 0)
     with pytest.raises(ValueError, match="eval mode"):
         pgd_attack(model.train(), x, y, 0.1, 1)
+
+
+def test_vmoe_attack_cli_and_the_report_section(trained, tmp_path):
+    """`vmoe attack` on a trained work dir writes attack.json / attack.png,
+    and the analysis report shows them."""
+    from helpers import TINY
+
+    from vmoe_torch.analysis.report import analyze
+    from vmoe_torch.cli.main import main
+    sets = [a for o in TINY for a in ("--set", o)]
+    out = tmp_path / "report"
+    assert main(["attack", trained.workdir, "--data", "digits", *sets, "--levels", "1", "4", "--steps", "2",
+                 "--images", "16", "--label", "tiny", "--out", str(out)]) == 0
+    rows = json.loads((out / "attack.json").read_text())["tiny"]
+    assert [r["eps"] * 127.5 for r in rows] == pytest.approx([1, 4]) and rows[0]["num_images"] == 16
+    analyze(trained.model, trained.test_ds, str(out), 32, capacity_factors=(1.0,), num_map_images=1)
+    page = (out / "report.html").read_text()
+    assert "Adversarial robustness (PGD)" in page and "tiny" in page

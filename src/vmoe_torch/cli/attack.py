@@ -14,8 +14,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "OUT/attack.png; `vmoe analyze --out OUT` adds them to report.html.")
     p.add_argument("checkpoint", help="a training work dir or a from_pretrained dir (MoE or dense)")
     p.add_argument("--data", required=True, help="a YAML experiment config or a data.name such as 'digits'")
-    p.add_argument("--eps", type=float, nargs="+", default=[1 / 127.5, 2 / 127.5, 4 / 127.5],
-                   help="max change per pixel in the model's [-1, 1] input range (1/127.5 = one grey level)")
+    eps = p.add_mutually_exclusive_group()
+    eps.add_argument("--eps", type=float, nargs="+", default=None,
+                     help="max change per pixel in the model's [-1, 1] input range (1/127.5 = one grey level)")
+    eps.add_argument("--levels", type=float, nargs="+", default=None,
+                     help="the same in grey levels of 255 (eps = level / 127.5; default: 1 2 4)")
     p.add_argument("--steps", type=int, default=10, help="PGD updates of eps/steps each (the reference: 40)")
     p.add_argument("--images", type=int, default=512, help="test images to attack (the first N)")
     p.add_argument("--attack-auxiliary-loss", action="store_true", help="attack CE + the auxiliary loss")
@@ -32,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..data.pipeline import build_datasets, eval_batches, to_model_range
     from ..models.loading import load_model
+    if args.eps is None:
+        args.eps = [level / 127.5 for level in (args.levels or [1.0, 2.0, 4.0])]
     if args.steps < 1 or args.images < 1 or any(not e >= 0 for e in args.eps):
         raise ValueError("--steps and --images must be >= 1 and every --eps >= 0.")
     data = [] if args.data.endswith((".yaml", ".yml")) else [f"data.name={args.data}"]
