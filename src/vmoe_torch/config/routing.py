@@ -67,6 +67,13 @@ class RoutingConfig:
       ot_softmax_combine: combine with the softmax of the router logits
         (the reference's `use_softmax_combine_weights`, default) instead of
         the plan's values.
+      local_entropy_loss_weight, global_entropy_loss_weight: LIMoE's
+        entropy losses (Mustafa et al. 2022, top_experts only; written to
+        files only when set): the mean entropy of each token's gates
+        (pushes every token to a confident choice), and minus the entropy of
+        the group's mean gates (pushes the group to use many experts). With
+        one modality per forward, as the multimodal model runs them, they
+        are the paper's per-modality losses.
       ot_gradient: how gradients pass through the plan: "none", "unrolled"
         or "implicit" (entropic routers only). None: the reference's
         ("none" for the L2 routers, whose plans jaxopt computes from
@@ -94,10 +101,13 @@ class RoutingConfig:
     ot_lbfgs: bool = False
     ot_softmax_combine: bool = True
     ot_gradient: Optional[str] = None
+    local_entropy_loss_weight: float = 0.0
+    global_entropy_loss_weight: float = 0.0
 
     # Written to files only when set (`config.typed.to_dict`).
     OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("ot_maxiter", "ot_adam_lr", "ot_lbfgs", "ot_softmax_combine",
-                                                  "ot_gradient")
+                                                  "ot_gradient", "local_entropy_loss_weight",
+                                                  "global_entropy_loss_weight")
 
     # ------------------------------------------------------------- derived
     @property
@@ -184,6 +194,13 @@ class RoutingConfig:
             raise ValueError(f"dropless applies to the top_experts router; {self.router!r} has no "
                              "dropped tokens to avoid (soft) or chooses tokens per expert (expert_choice).")
         self._validate_ot()
+        for name in ("local_entropy_loss_weight", "global_entropy_loss_weight"):
+            _check_type(name, getattr(self, name), float)
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}.")
+            if getattr(self, name) and self.router != "top_experts":
+                raise ValueError(f"{name} applies to the top_experts router (LIMoE's entropy losses), "
+                                 f"not {self.router!r}.")
         if self.is_soft:
             self._validate_soft()
         else:

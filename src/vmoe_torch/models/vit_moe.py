@@ -42,6 +42,18 @@ def _block_with_metrics(block: "Block", x: Tensor, noise: Optional[Tensor]) -> t
     return y, block.metrics if block.is_moe else None
 
 
+def collect_block_metrics(metrics: Metrics, name: str, block_metrics: Metrics) -> Tensor:
+    """Adds one MoE block's metrics to `metrics` under `name/...` (its
+    per-group auxiliary loss as `name/auxiliary_loss`) and returns the
+    block's auxiliary loss, for the model's total."""
+    for key, value in block_metrics.items():
+        if key == "auxiliary_loss":
+            continue
+        out_key = "auxiliary_loss" if key == "auxiliary_loss_per_group" else key
+        metrics[f"{name}/{out_key}"] = value
+    return block_metrics["auxiliary_loss"]
+
+
 def check_images(images: Tensor, patch_embed: PatchEmbed, check_finite: bool) -> Tensor:
     """Returns `images` after checking them for a model whose patch embedding
     is `patch_embed` (rank, channels, size, dtype, finiteness), with an error
@@ -312,12 +324,7 @@ class VisionTransformerMoe(RoutingControl, BudgetControl, TimmContract, nn.Modul
             else:
                 x, m = _block_with_metrics(block, x, noise)
             if m is not None and not isinstance(x, torch.fx.Proxy):  # FX graphs carry no metrics
-                for key, value in m.items():
-                    if key == "auxiliary_loss":
-                        continue
-                    out_key = "auxiliary_loss" if key == "auxiliary_loss_per_group" else key
-                    metrics[f"{name}/{out_key}"] = value
-                aux = aux + m["auxiliary_loss"]
+                aux = aux + collect_block_metrics(metrics, name, m)
             if i in take:
                 taken.append(x)
         metrics["auxiliary_loss"] = aux

@@ -37,9 +37,11 @@ from .dispatch import (
 )
 from .routing import (
     TopExpertsRouting,
+    global_entropy_loss,
     gshard_loss,
     importance_loss,
     load_loss,
+    local_entropy_loss,
     sorted_top_k,
     top_experts_per_item,
     top_items_metrics,
@@ -220,6 +222,9 @@ class TopExpertsRouter(_GatingRouter):
             losses["load_loss"] = (r.load_loss_weight, load_loss(
                 logits, noisy_logits, std, r.num_selected_experts))
         losses["gshard_loss"] = (r.gshard_loss_weight, gshard_loss(gates_dispatch))
+        if r.local_entropy_loss_weight > 0 or r.global_entropy_loss_weight > 0:  # LIMoE's, on the clean gates
+            losses["local_entropy_loss"] = (r.local_entropy_loss_weight, local_entropy_loss(gates))
+            losses["global_entropy_loss"] = (r.global_entropy_loss_weight, global_entropy_loss(gates))
         metrics: Metrics = {}
         aux = logits.new_zeros(logits.shape[0])
         for name, (weight, value) in losses.items():

@@ -253,3 +253,16 @@ def gshard_loss(gates: Tensor) -> Tensor:
     counts.scatter_add_(1, top1, torch.ones_like(top1, dtype=gates.dtype))
     fraction = counts / group_size
     return (fraction * gates.mean(dim=1)).mean(dim=-1) * num_experts**2
+
+
+def local_entropy_loss(gates: Tensor) -> Tensor:
+    """LIMoE's local entropy loss: the mean over tokens of the entropy of
+    each token's gates. (G, S, E) -> (G,)."""
+    return -(gates * torch.log(gates.clamp_min(torch.finfo(gates.dtype).tiny))).sum(-1).mean(-1)
+
+
+def global_entropy_loss(gates: Tensor) -> Tensor:
+    """LIMoE's global entropy loss: minus the entropy of the group's mean
+    gates. (G, S, E) -> (G,)."""
+    mean = gates.mean(1)
+    return (mean * torch.log(mean.clamp_min(torch.finfo(gates.dtype).tiny))).sum(-1)
