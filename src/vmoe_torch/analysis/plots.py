@@ -189,5 +189,5 @@ def plot_attack(results: dict[str, list[dict[str, Any]]], path: str) -> None:
             title="Routing change per MoE layer")
     ax1.legend(fontsize=7)
     if ax2.lines:
-        ax2.legend(fontsize=6, ncol=2)
+        ax2.legend(fontsize=6, ncol=2, loc="lower right")
     _save(fig, path)
