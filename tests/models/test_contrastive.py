@@ -146,3 +146,18 @@ def test_bad_configs_are_named():
         ContrastiveConfig(shared=True, text=TextConfig(moe=MoeConfig(layers=(1,)))).validate()
     with pytest.raises(ValueError, match="multiple of num_heads"):
         TextConfig(hidden_size=30, num_heads=4).validate()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_saved_and_loaded(tmp_path, shared):
+    model = _model(shared=shared, scale_init=10.0, bias_init=-10.0).eval()
+    model.save_pretrained(str(tmp_path / "m"))
+    loaded = ContrastiveModel.from_pretrained(str(tmp_path / "m"))
+    assert loaded.config == model.config
+    images, texts = torch.randn(3, 3, 32, 32), torch.randint(0, 20, (3, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, texts), model(images, texts), rtol=0, atol=0)
+    from vmoe_torch import create_model
+    create_model("vmoe_mi4_every2_e8_k2").save_pretrained(str(tmp_path / "classifier"))
+    with pytest.raises(ValueError, match="not a contrastive model directory"):
+        ContrastiveModel.from_pretrained(str(tmp_path / "classifier"))

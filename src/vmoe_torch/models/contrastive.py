@@ -23,6 +23,9 @@ from ..layers.block import Block
 from .vit_moe import Metrics, VisionTransformerMoe, _block_with_metrics, build_block, collect_block_metrics
 
 
+CONTRASTIVE_FORMAT = "vmoe-torch-contrastive"
+
+
 class TextTransformer(nn.Module):
     """(B, L) token ids -> (B, D) pooled features (`TextConfig`); the MoE
     metrics of the forward, the auxiliary loss included, in `self.metrics`."""
@@ -127,6 +130,45 @@ class ContrastiveModel(nn.Module):
         """The auxiliary losses of the last forward's MoE layers (both towers)."""
         losses = [m["auxiliary_loss"] for m in self.metrics.values() if "auxiliary_loss" in m]
         return torch.stack(losses).sum() if losses else self.log_scale.new_zeros(())
+
+    def save_pretrained(self, out_dir: str, overwrite: bool = False) -> None:
+        """model.safetensors + config.json ({"format": "vmoe-torch-contrastive",
+        "model": the ContrastiveConfig}), atomically; NaN / Inf weights refused."""
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        from ..config.typed import to_dict
+        from ..utils.io import atomic_directory
+        from ..utils.state import refuse_nonfinite
+        state = self.state_dict()
+        refuse_nonfinite(state, out_dir)
+        with atomic_directory(out_dir, overwrite) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+                      os.path.join(tmp, "model.safetensors"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump({"format": CONTRASTIVE_FORMAT, "format_version": 1, "model": to_dict(self.config)}, f,
+                          indent=1)
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location: str = "cpu") -> "ContrastiveModel":
+        """Loads a `save_pretrained` directory (eval mode), checking the
+        format, the config and that the weights fit it exactly."""
+        import json
+        import os
+
+        from ..config.typed import from_dict
+        from ..storage.pretrained import check_pretrained_dir, read_weights
+        check_pretrained_dir(path)
+        with open(os.path.join(path, "config.json")) as f:
+            meta = json.load(f)
+        if meta.get("format") != CONTRASTIVE_FORMAT or meta.get("format_version") != 1:
+            raise ValueError(f"{path!r} is not a contrastive model directory (format={meta.get('format')!r}); "
+                             "image classifiers load with vmoe_torch.from_pretrained.")
+        model = cls(from_dict(ContrastiveConfig, meta["model"]))
+        model.load_state_dict(read_weights(path, map_location), strict=True)
+        return model.eval()
 
 
 def _with_head(cfg: Any, embed_dim: int) -> Any:
