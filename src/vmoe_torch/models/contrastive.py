@@ -22,7 +22,6 @@ from ..config.contrastive import ContrastiveConfig, TextConfig
 from ..layers.block import Block
 from .vit_moe import Metrics, VisionTransformerMoe, _block_with_metrics, build_block, collect_block_metrics
 
-
 CONTRASTIVE_FORMAT = "vmoe-torch-contrastive"
 
 
