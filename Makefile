@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# The torch pins live in the set-up path only; the package metadata stays permissive.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[test,tensorboard,timm,hf,onnx,serve]'
+	$(PIP) install -q -e '.[test,tensorboard,timm,hf,onnx,serve,contrastive]'
 	touch $(STAMP)
 
 install: $(STAMP)
