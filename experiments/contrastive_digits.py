@@ -24,8 +24,7 @@ import time
 import numpy as np
 import torch
 
-from vmoe_torch.config.catalogue import resolve_config
-from vmoe_torch.config.contrastive import ContrastiveConfig, TextConfig
+from vmoe_torch.config.contrastive import ContrastiveConfig, contrastive_presets
 from vmoe_torch.data.digits import make_cluttered_digits
 from vmoe_torch.data.pipeline import to_model_range
 from vmoe_torch.models.contrastive import ContrastiveModel, sigmoid_loss, zero_shot_accuracy, zero_shot_classifier
@@ -74,14 +73,10 @@ def encode(tok, texts: list[str]) -> torch.Tensor:
 
 
 def config(shared: bool) -> ContrastiveConfig:
-    image = resolve_config("vmoe_mi4_every2_e8_k2", num_classes=10, image_size=40, patch_size=8,
-                           classifier="gap", group_size=800, importance_loss_weight=0.005, load_loss_weight=0.005)
-    if shared:  # LIMoE: the entropy losses on the shared routers
-        image = dataclasses.replace(image, moe=dataclasses.replace(image.moe, routing=dataclasses.replace(
-            image.moe.routing, local_entropy_loss_weight=0.005, global_entropy_loss_weight=0.005)))
-    text = TextConfig(vocab_size=64, max_len=MAX_LEN, hidden_size=image.hidden_size, num_layers=2, num_heads=4,
-                      mlp_dim=256)
-    return ContrastiveConfig(image=image, text=text, embed_dim=64, scale_init=10.0, bias_init=-10.0, shared=shared)
+    """The named models (`create_contrastive_model`): a V-MoE-Mi/8 image
+    tower (E=8, K=2, every other block, as the demo) and a 2-block text
+    tower, or LIMoE's shared backbone with its entropy losses."""
+    return contrastive_presets()["limoe_mi8_every2_e8_k2" if shared else "contrastive_mi8_every2_e8_k2"]
 
 
 def train(shared: bool, steps: int, data, tok) -> tuple[ContrastiveModel, float]:

@@ -161,3 +161,15 @@ def test_saved_and_loaded(tmp_path, shared):
     create_model("vmoe_mi4_every2_e8_k2").save_pretrained(str(tmp_path / "classifier"))
     with pytest.raises(ValueError, match="not a contrastive model directory"):
         ContrastiveModel.from_pretrained(str(tmp_path / "classifier"))
+
+
+def test_named_models():
+    from vmoe_torch.models.contrastive import create_contrastive_model
+    limoe = create_contrastive_model("limoe_mi8_every2_e8_k2")
+    assert limoe.config.shared and limoe.config.image.moe.routing.local_entropy_loss_weight > 0
+    two = create_contrastive_model("contrastive_mi8_every2_e8_k2", embed_dim=32)
+    assert not two.config.shared and two.config.embed_dim == 32
+    z = two.eval()(images=torch.randn(2, 3, 40, 40))
+    assert z.shape == (2, 32)
+    with pytest.raises(ValueError, match="Unknown contrastive model"):
+        create_contrastive_model("clip")

@@ -88,3 +88,21 @@ class ContrastiveConfig:
         if self.shared and self.text.moe is not None:
             raise ValueError("A shared backbone (LIMoE) encodes text with the image tower's blocks: "
                              "leave text.moe unset and configure image.moe.")
+
+
+def contrastive_presets() -> dict[str, ContrastiveConfig]:
+    """Named contrastive models (`create_contrastive_model`): the demo's
+    sizes, the image tower a catalogue V-MoE; `contrastive_*` are two-tower,
+    `limoe_*` share one MoE backbone with LIMoE's entropy losses."""
+    from .catalogue import resolve_config
+    image = resolve_config("vmoe_mi4_every2_e8_k2", num_classes=64, image_size=40, patch_size=8,
+                           classifier="gap", group_size=800, importance_loss_weight=0.005, load_loss_weight=0.005)
+    assert image.moe is not None
+    limoe_routing = dataclasses.replace(image.moe.routing, local_entropy_loss_weight=0.005,
+                                        global_entropy_loss_weight=0.005)
+    text = TextConfig(vocab_size=64, max_len=10, hidden_size=image.hidden_size, num_layers=2, num_heads=4,
+                      mlp_dim=256)
+    two_tower = ContrastiveConfig(image=image, text=text, embed_dim=64, scale_init=10.0, bias_init=-10.0)
+    limoe_image = dataclasses.replace(image, moe=dataclasses.replace(image.moe, routing=limoe_routing))
+    return {"contrastive_mi8_every2_e8_k2": two_tower,
+            "limoe_mi8_every2_e8_k2": dataclasses.replace(two_tower, image=limoe_image, shared=True)}

@@ -205,3 +205,15 @@ def zero_shot_accuracy(model: ContrastiveModel, classifier: Tensor, batches: Any
         correct += int((pred == labels).sum())
         total += len(labels)
     return correct / max(total, 1)
+
+
+def create_contrastive_model(name: str, **changes: Any) -> ContrastiveModel:
+    """A named contrastive model (`config.contrastive.contrastive_presets`);
+    `changes` replace top-level ContrastiveConfig fields (e.g. text=...)."""
+    import dataclasses
+
+    from ..config.contrastive import contrastive_presets
+    presets = contrastive_presets()
+    if name not in presets:
+        raise ValueError(f"Unknown contrastive model {name!r}; known: {sorted(presets)}.")
+    return ContrastiveModel(dataclasses.replace(presets[name], **changes))
