@@ -51,6 +51,7 @@ from .dispatch import (
     routing_to_dense,
     top_items_to_dense,
 )
+from .metrics_switch import metrics_enabled
 from .routers import Metrics, _GatingRouter, routing_stats
 from .routing import (
     TopItemsRouting,
@@ -160,11 +161,12 @@ class OTTokensChooseRouter(_OTRouter):
                                        generator)
         if r.ot_softmax_combine:
             routing = dataclasses.replace(routing, combine_weights=gates.gather(-1, routing.expert_index))
-        if r.router == "ot_ksparse_tc":
+        if r.router == "ot_ksparse_tc" and metrics_enabled():
             metrics.update(_nonzero_counts(plan, 1, "num_items_per_expert"))
             metrics.update(_nonzero_counts(plan, 2, "num_experts_per_item"))
         metrics.setdefault("auxiliary_loss_per_group", logits.new_zeros(groups))
-        metrics.update(routing_stats(routing, self.num_experts))
+        if metrics_enabled():
+            metrics.update(routing_stats(routing, self.num_experts))
         metrics["capacity"] = torch.tensor(capacity)
         dispatcher: Dispatcher
         if self.dispatch_impl == "einsum":
@@ -195,11 +197,12 @@ class OTExpertsChooseRouter(_OTRouter):
         plan, gates, logits, metrics = self.solve(x, noise, generator)
         capacity = self.capacity(size)
         routing = top_items_per_expert(plan, capacity)
-        metrics.update(top_items_metrics(routing, size))
+        if metrics_enabled():
+            metrics.update(top_items_metrics(routing, size))
         if r.ot_softmax_combine:
             weights = gates.transpose(1, 2).gather(-1, routing.item_index)
             routing = TopItemsRouting(item_index=routing.item_index, combine_weights=weights, capacity=capacity)
-        if r.router == "ot_ksparse_ec":
+        if r.router == "ot_ksparse_ec" and metrics_enabled():
             metrics.update(_nonzero_counts(plan, 1, "num_items_per_expert"))
         metrics["auxiliary_loss_per_group"] = logits.new_zeros(groups)
         metrics["capacity"] = torch.tensor(capacity)

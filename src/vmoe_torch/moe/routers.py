@@ -35,6 +35,7 @@ from .dispatch import (
     routing_to_dense,
     top_items_to_dense,
 )
+from .metrics_switch import metrics_enabled
 from .routing import (
     TopExpertsRouting,
     global_entropy_loss,
@@ -210,7 +211,10 @@ class TopExpertsRouter(_GatingRouter):
             logits = self._member_logits(logits)                             # (G*M, S/M, E/M)
         gates = torch.softmax(logits, dim=-1)
         noisy = self.training and r.effective_noise_std > 0
-        losses = {"importance_loss": (r.importance_loss_weight, importance_loss(gates))}
+        report = metrics_enabled()  # a loss with weight 0 is only reported
+        losses = {}
+        if report or r.importance_loss_weight > 0:
+            losses["importance_loss"] = (r.importance_loss_weight, importance_loss(gates))
         gates_dispatch = gates
         if noisy:
             std = r.effective_noise_std / (self.num_experts // m)
@@ -219,9 +223,11 @@ class TopExpertsRouter(_GatingRouter):
                 draw = self._by_member(draw)
             noisy_logits = logits + std * draw
             gates_dispatch = torch.softmax(noisy_logits, dim=-1)
-            losses["load_loss"] = (r.load_loss_weight, load_loss(
-                logits, noisy_logits, std, r.num_selected_experts))
-        losses["gshard_loss"] = (r.gshard_loss_weight, gshard_loss(gates_dispatch))
+            if report or r.load_loss_weight > 0:
+                losses["load_loss"] = (r.load_loss_weight, load_loss(
+                    logits, noisy_logits, std, r.num_selected_experts))
+        if report or r.gshard_loss_weight > 0:
+            losses["gshard_loss"] = (r.gshard_loss_weight, gshard_loss(gates_dispatch))
         if r.local_entropy_loss_weight > 0 or r.global_entropy_loss_weight > 0:  # LIMoE's, on the clean gates
             losses["local_entropy_loss"] = (r.local_entropy_loss_weight, local_entropy_loss(gates))
             losses["global_entropy_loss"] = (r.global_entropy_loss_weight, global_entropy_loss(gates))
@@ -251,7 +257,8 @@ class TopExpertsRouter(_GatingRouter):
             dispatcher = EinsumDispatcher(routing_to_dense(plan, gates))
         else:
             dispatcher = IndexDispatcher(plan)
-        metrics.update(routing_stats(plan, self.num_experts))
+        if metrics_enabled():
+            metrics.update(routing_stats(plan, self.num_experts))
         metrics["capacity"] = torch.tensor(capacity)
         return self.wrap(dispatcher), metrics
 
@@ -264,8 +271,9 @@ class TopExpertsRouter(_GatingRouter):
         top_gates, expert_index = sorted_top_k(gates, k)
         plan = TopExpertsRouting(expert_index=expert_index, buffer_index=torch.zeros_like(expert_index),
                                  combine_weights=top_gates, capacity=1, num_experts=self.num_experts)
-        metrics.update(routing_stats(plan, self.num_experts))
-        metrics["capacity"] = (metrics["expert_load"] * (size * k)).amax().round().long()  # fullest buffer
+        if metrics_enabled():
+            metrics.update(routing_stats(plan, self.num_experts))
+            metrics["capacity"] = (metrics["expert_load"] * (size * k)).amax().round().long()  # fullest buffer
         return self.wrap(DroplessDispatcher(expert_index, top_gates, self.num_experts)), metrics
 
 
@@ -292,7 +300,7 @@ class ExpertChoiceRouter(_GatingRouter):
         capacity = self.capacity(size)
         gates = torch.softmax(logits, dim=-1)
         plan = top_items_per_expert(gates, capacity)
-        metrics = top_items_metrics(plan, size)
+        metrics = top_items_metrics(plan, size) if metrics_enabled() else {}
         metrics["auxiliary_loss_per_group"] = logits.new_zeros(groups)
         metrics["capacity"] = torch.tensor(capacity)
         dispatcher: Dispatcher
@@ -353,7 +361,7 @@ class SoftRouter(Router):
         if self.training and std > 0:
             logits = logits + std * self._draw(noise, self.noise_shape(groups, size), logits, generator)
         dispatch, combine = soft_weights(logits)
-        metrics = soft_metrics(dispatch, combine, mu)
+        metrics = soft_metrics(dispatch, combine, mu) if metrics_enabled() else {}
         metrics["auxiliary_loss_per_group"] = logits.new_zeros(groups)
         metrics["capacity"] = torch.tensor(self.num_slots)
         return self.wrap(SoftDispatcher(dispatch, combine)), metrics

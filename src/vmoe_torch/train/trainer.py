@@ -24,6 +24,7 @@ from ..distributed.runtime import init_from_env, local_device
 from ..evaluate.classification import evaluate_at_capacity
 from ..models.loading import consolidate_checkpoint, load_model
 from ..models.vit_moe import VisionTransformerMoe
+from ..moe.metrics_switch import routing_metrics
 from ..storage.lock import WorkdirLock, remove_orphan_temporaries
 from ..storage.pretrained import config_json
 from ..storage.workdir import (
@@ -391,7 +392,9 @@ class Trainer:
         routing: dict[str, list[torch.Tensor]] = {}
         members = self.model.ensemble_size
         for xs, ts in zip(x.chunk(accum), targets.chunk(accum)):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+            # The routing statistics are computed only on the steps that log them.
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16), \
+                    routing_metrics(collect_routing):
                 logits, metrics = self.forward_model(xs, return_metrics=True, members=True)
             if members > 1:  # E^3: each member is trained on the labels (reference)
                 ts = ts.repeat_interleave(members, dim=0)

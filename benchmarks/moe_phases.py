@@ -1,0 +1,183 @@
+"""Where an MoE layer's time goes besides its experts: each routing phase
+timed on its own, forward + backward where it has a gradient, in fp32 and
+bf16 (autocast, as training runs it), with the expert MLP as the yardstick.
+
+Phases (top-K layer, E=8, K=2, C=1.05, BPR on):
+  router     router matmul + softmax (float32, outside autocast)
+  noise      the counter-based per-group normal draw and its addition
+  topk_bpr   top-K of the gates, the BPR priority sort
+  capacity   slot assignment (positions within each expert's buffer)
+  dispatch   building the index dispatcher and gathering the buffers
+  combine    gathering each token's K slots, masking dropped ones, weighting
+  losses     importance + load auxiliary losses
+  metrics    the per-group routing statistics (dropped fraction, load, ...)
+  soft_norm  Soft MoE: normalised logits and both softmaxes (p = 6, E = 8)
+  soft_metrics  Soft MoE: the reference's similarity metrics
+  experts    the expert MLP on the (E, G*C, D) buffers (the yardstick)
+  layer      the whole top-K layer (MoeMlp), metrics on
+  layer_lean the whole top-K layer with metrics off (`routing_metrics(False)`,
+             what the trainer does on steps it does not log)
+
+Each phase is reported in ms and as a fraction of the experts' time; the
+sum of the top-K phases against layer - experts tells how much of the
+overhead the phases account for. The CPU's ISA is printed, so that runs on
+different machines can be read side by side.
+
+Usage: python benchmarks/moe_phases.py [--shapes demo S32 B16] [--repeats 5] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import time
+
+import torch
+
+from vmoe_torch import MoeMlp, RoutingConfig
+from vmoe_torch.moe.dispatch import IndexDispatcher
+from vmoe_torch.moe.metrics_switch import routing_metrics
+from vmoe_torch.moe.noise import group_normal, seed_words
+from vmoe_torch.moe.routers import routing_stats
+from vmoe_torch.moe.routing import (
+    importance_loss,
+    load_loss,
+    positions_within_expert,
+    priority_scores,
+    sorted_top_k,
+    top_experts_per_item,
+)
+from vmoe_torch.moe.soft import soft_metrics, soft_router_logits, soft_weights
+
+SHAPES = {  # name: (group_size, groups, D, H)
+    "demo": (800, 2, 64, 256),
+    "S32": (400, 4, 512, 2048),
+    "B16": (1576, 4, 768, 3072),
+}
+E, K, CF = 8, 2, 1.05
+
+
+def timed(fns: dict, repeats: int) -> dict:
+    for fn in fns.values():
+        fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def phases(shape: str, bf16: bool) -> dict:
+    size, groups, dim, hidden = SHAPES[shape]
+    torch.manual_seed(0)
+    layer = MoeMlp(dim, hidden, E, RoutingConfig(num_selected_experts=K, capacity_factor=CF, batch_priority=True),
+                   group_size=size).train()
+    layer.noise_seed = 0
+    router = layer.router
+    cap = layer.capacity_for(size)
+    x = torch.randn(groups, size, dim, requires_grad=True)
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    logits = router.logits(x.detach())
+    gates = torch.softmax(logits, -1)
+    top_gates, expert_index = sorted_top_k(gates, K)
+    plan = top_experts_per_item(gates, K, cap, True)
+    buf = torch.randn(E, groups * cap, dim, requires_grad=True)
+    seed = seed_words(0)
+    soft = MoeMlp(dim, hidden, E, RoutingConfig(router="soft", num_slots=6, capacity_factor=None),
+                  group_size=size).train()
+    xs = torch.randn(groups, size, dim, requires_grad=True)
+
+    def run_router():
+        with amp():
+            torch.softmax(router.logits(x), -1).sum().backward()
+
+    def run_noise():
+        logits + (1.0 / E) * group_normal(seed, 0, groups, (size, E))
+
+    def run_topk():
+        t, _ = sorted_top_k(gates, K)
+        torch.sort(priority_scores(t), dim=1, descending=True, stable=True)
+
+    def run_capacity():
+        positions_within_expert(expert_index.transpose(1, 2).reshape(groups, K * size), E)
+
+    def run_dispatch():
+        with amp():
+            d = IndexDispatcher(plan)
+            d.dispatch(x).float().sum().backward()
+
+    d_fixed = IndexDispatcher(plan)
+    weights = plan.combine_weights.detach().requires_grad_()
+
+    def run_combine():
+        with amp():
+            d_fixed.weights = weights * plan.kept
+            d_fixed.combine(buf).float().sum().backward()
+
+    def run_losses():
+        lg = logits.detach().requires_grad_()
+        noisy = lg + 0.1
+        (importance_loss(torch.softmax(lg, -1)) + load_loss(lg, noisy, 1.0 / E, K)).sum().backward()
+
+    def run_metrics():
+        routing_stats(plan, E)
+
+    def run_soft_norm():
+        with amp():
+            lg, _ = soft_router_logits(xs.float(), soft.router.mu.float(), soft.router.scale.float())
+            dsp, cmb = soft_weights(lg)
+            (dsp.sum() + cmb.square().sum()).backward()
+
+    with torch.no_grad():
+        lg_s, mu_s = soft_router_logits(xs.float(), soft.router.mu.float(), soft.router.scale.float())
+        dsp_s, cmb_s = soft_weights(lg_s)
+
+    def run_soft_metrics():
+        soft_metrics(dsp_s, cmb_s, mu_s)
+
+    def run_experts():
+        with amp():
+            layer.experts(buf).float().square().mean().backward()
+
+    def run_layer(metrics_on: bool):
+        def run():
+            with amp(), routing_metrics(metrics_on):
+                y, m = layer(x)
+                (y.float().square().mean() + m["auxiliary_loss"]).backward()
+        return run
+    fns = {"router": run_router, "noise": run_noise, "topk_bpr": run_topk, "capacity": run_capacity,
+           "dispatch": run_dispatch, "combine": run_combine, "losses": run_losses, "metrics": run_metrics,
+           "soft_norm": run_soft_norm, "soft_metrics": run_soft_metrics, "experts": run_experts,
+           "layer": run_layer(True), "layer_lean": run_layer(False)}
+    return fns
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{platform.processor() or platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"oneDNN bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}, torch {torch.__version__}, "
+          f"{args.threads} threads; E={E}, K={K}, C={CF}, BPR; median of {args.repeats}")
+    names = ["router", "noise", "topk_bpr", "capacity", "dispatch", "combine", "losses", "metrics", "soft_norm",
+             "soft_metrics", "experts", "layer", "layer_lean"]
+    print("| shape | dtype | " + " | ".join(names) + " | top-K phases / (layer - experts) |")
+    print("|---|---|" + "---|" * (len(names) + 1))
+    for shape in args.shapes:
+        for bf16 in (False, True):
+            t = timed(phases(shape, bf16), args.repeats)
+            exp = t["experts"]
+            cells = [f"{t[n] * 1e3:.2f} ({t[n] / exp:.3f})" for n in names]
+            topk = sum(t[n] for n in names[:8])
+            print(f"| {shape} {SHAPES[shape]} | {'bf16' if bf16 else 'fp32'} | " + " | ".join(cells)
+                  + f" | {topk / max(t['layer'] - exp, 1e-9):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
