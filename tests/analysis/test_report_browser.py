@@ -22,7 +22,8 @@ from vmoe_torch.analysis.report import analyze
 from vmoe_torch.storage.calibration import Calibration, Point
 
 CHROMIUM = os.environ.get("VMOE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (make report-check installs it)")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (make report-check installs it)"),
+              pytest.mark.slow]
 
 
 def _report(trained, tmp_path) -> str:

@@ -82,7 +82,7 @@ def _post(port, body, raw=None):
         return e.code, json.loads(e.read())
 
 
-@pytest.fixture(scope="module", params=["eager", "exported"])
+@pytest.fixture(scope="module", params=["eager", pytest.param("exported", marks=pytest.mark.slow)])
 def server(model_dir, request):
     """Both runtimes: with the exported one, a batch's whole routing groups
     (8 images here) run through the budget's program, the rest eagerly."""
