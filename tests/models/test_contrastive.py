@@ -173,3 +173,20 @@ def test_named_models():
     assert z.shape == (2, 32)
     with pytest.raises(ValueError, match="Unknown contrastive model"):
         create_contrastive_model("clip")
+
+
+@pytest.mark.parametrize("kind", ["soft", "eee"])
+def test_any_of_our_image_models_is_a_tower(kind):
+    """Soft MoE and E^3 image towers (E^3: the members' embeddings averaged)."""
+    if kind == "soft":
+        image = resolve_config("vmoe_soft_mi4_half", num_classes=10)
+    else:
+        image = resolve_config("vmoe_mi4_every2_e8_k2", num_classes=10, ensemble_size=2, num_selected_experts=1)
+    text = TextConfig(vocab_size=20, max_len=6, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64)
+    model = ContrastiveModel(ContrastiveConfig(image=image, text=text, embed_dim=16)).train()
+    images, texts = torch.randn(3, 3, 32, 32), torch.randint(0, 20, (3, 6))
+    logits = model(images, texts)
+    assert logits.shape == (3, 3)
+    (sigmoid_loss(logits).mean() + model.auxiliary_loss).backward()
+    z = model.eval()(images=images)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(3), rtol=1e-5, atol=1e-5)

@@ -96,7 +96,12 @@ class ContrastiveModel(nn.Module):
         self.metrics: dict[str, Metrics] = {}
 
     def encode_images(self, images: Tensor) -> Tensor:
-        z = self.image(images)
+        """An E^3 image tower embeds each member and averages (its classifier
+        output would be a log-probability, not an embedding)."""
+        z = self.image(images, members=True)
+        members = self.image.members_per_image
+        if members > 1:
+            z = z.view(len(images), members, -1).mean(1)
         self.metrics["img"] = self.image.metrics
         return z / (z.norm(dim=-1, keepdim=True) + 1e-8)
 
