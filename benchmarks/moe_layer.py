@@ -12,7 +12,10 @@ Soft MoE rows (same run): the Soft MoE layer with one image per routing
 group (the paper's setting) and p slots per expert matched to the sparse
 layer's compute (E*p ~ tokens * K * 1.05), against the expert MLP alone on
 its E*G*p slots. Soft MoE adds two dense (S x E*p) mixing matmuls per group
-and the bfloat16 rounding the reference applies around the experts.
+and the bfloat16 rounding the reference applies around the experts. The
+"no statistics" column runs the same layer under `routing_metrics(False)`
+(the reference's similarity metrics skipped, as the trainer does on the
+steps it does not log): the previous behaviour is the first column.
 
 Dropless rows (`--dropless-only`, same run): the layer at C = 1.05 against
 the same layer with `dropless=True` (every choice kept, rows sorted by expert,
@@ -31,6 +34,7 @@ import time
 import torch
 
 from vmoe_torch import MoeMlp, RoutingConfig
+from vmoe_torch.moe.metrics_switch import routing_metrics
 
 SHAPES = {  # name: (group_size, groups, D, H)
     "S32": (400, 4, 512, 2048),
@@ -111,10 +115,15 @@ def bench_soft(shape: str, experts: int, k: int, repeats: int) -> dict:
         finally:
             layer.set_routing(bfloat16_dispatch=None)
 
-    t = timed({"soft": run_soft, "experts": run_experts, "soft32": run_soft_fp32}, repeats)
+    def run_soft_lean():  # the statistics skipped, as the trainer runs the steps it does not log
+        with routing_metrics(False):
+            run_soft()
+
+    t = timed({"soft": run_soft, "experts": run_experts, "soft32": run_soft_fp32, "lean": run_soft_lean}, repeats)
     return dict(shape=shape, E=experts, K=k, p=slots, soft_ms=t["soft"] * 1e3,
-                experts_ms=t["experts"] * 1e3, soft32_ms=t["soft32"] * 1e3,
-                soft_over_experts=t["soft"] / t["experts"], soft32_over_experts=t["soft32"] / t["experts"])
+                experts_ms=t["experts"] * 1e3, soft32_ms=t["soft32"] * 1e3, lean_ms=t["lean"] * 1e3,
+                soft_over_experts=t["soft"] / t["experts"], soft32_over_experts=t["soft32"] / t["experts"],
+                lean_over_experts=t["lean"] / t["experts"])
 
 
 def bench_dropless(shape: str, experts: int, k: int, repeats: int) -> dict:
@@ -186,9 +195,10 @@ SPARSE_TABLE = ("| shape | E | K | C | MoE layer (ms) | expert MLP alone (ms) | 
                 ("shape", "E", "K", "C", "moe_ms", "experts_ms", "einsum_ms", "moe_over_experts",
                  "einsum_over_moe"))
 SOFT_TABLE = ("| Soft MoE shape | E | matched K | slots p | Soft MoE layer (ms) | expert MLP alone (ms) "
-              "| Soft MoE, fp32 dispatch (ms) | Soft MoE / experts | fp32 dispatch / experts |",
-              ("shape", "E", "K", "p", "soft_ms", "experts_ms", "soft32_ms", "soft_over_experts",
-               "soft32_over_experts"))
+              "| Soft MoE, fp32 dispatch (ms) | Soft MoE, no statistics (ms) | Soft MoE / experts "
+              "| fp32 dispatch / experts | no statistics / experts |",
+              ("shape", "E", "K", "p", "soft_ms", "experts_ms", "soft32_ms", "lean_ms", "soft_over_experts",
+               "soft32_over_experts", "lean_over_experts"))
 
 DROPLESS_TABLE = ("| dropless shape | E | K | C (capacity path) | C=1.05 layer (ms) | dropless layer (ms) "
                   "| dropless, loop fallback (ms) | expert MLP on the routed rows (ms) | dropless / C=1.05 "
