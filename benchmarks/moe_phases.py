@@ -30,10 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
-import statistics
-import time
 
 import torch
+from moe_layer import timed  # the interleaved-repeats median of benchmarks/moe_layer.py
 
 from vmoe_torch import MoeMlp, RoutingConfig
 from vmoe_torch.moe.dispatch import IndexDispatcher
@@ -56,18 +55,6 @@ SHAPES = {  # name: (group_size, groups, D, H)
     "B16": (1576, 4, 768, 3072),
 }
 E, K, CF = 8, 2, 1.05
-
-
-def timed(fns: dict, repeats: int) -> dict:
-    for fn in fns.values():
-        fn()
-    times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def phases(shape: str, bf16: bool) -> dict:

@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import torch
+from moe_layer import timed  # the interleaved-repeats median of benchmarks/moe_layer.py
 
 from vmoe_torch import MoeMlp, RoutingConfig
 
@@ -65,18 +64,6 @@ def bench(shape: str, repeats: int) -> list[dict]:
     t = timed(fns, repeats)
     return [dict(shape=shape, router=name, ms=t[name] * 1e3, router_ms=t[f"router {name}"] * 1e3,
                  ratio=t[name] / t[base]) for name, base, _ in ROWS]
-
-
-def timed(fns: dict, repeats: int) -> dict:
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:

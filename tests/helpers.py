@@ -51,3 +51,20 @@ def perturb(module, seed=0):
         for p in module.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     return module.eval()
+
+
+def calibrated_report(trained, out_dir) -> str:
+    """`analyze` of the session's tiny trained model into `out_dir` with a
+    three-point calibration (so report.html draws its curve); returns the
+    page's path. The model's calibration is removed again afterwards."""
+    from vmoe_torch.analysis.report import analyze
+    from vmoe_torch.storage.calibration import Calibration, Point
+    own = {"num_selected_experts": 2, "capacity_factor": 1.05, "batch_priority": False, "dropless": False}
+    cheap = {**own, "num_selected_experts": 1, "capacity_factor": 0.5, "batch_priority": True}
+    trained.model.calibration = Calibration([Point(own, 0.8, 2e6), Point(cheap, 0.7, 1e6),
+                                             Point({**cheap, "batch_priority": False}, 0.6, 1e6)], reference=0)
+    try:
+        analyze(trained.model, trained.test_ds, str(out_dir), 32, capacity_factors=(0.25, 1.0), num_map_images=2)
+    finally:
+        trained.model.calibration = None
+    return os.path.join(str(out_dir), "report.html")

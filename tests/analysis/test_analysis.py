@@ -123,16 +123,8 @@ def test_one_self_contained_html_page_with_the_calibration_curve(trained, tmp_pa
     calibrated model."""
     import re
 
-    from vmoe_torch.storage.calibration import Calibration, Point
-    own = {"num_selected_experts": 2, "capacity_factor": 1.05, "batch_priority": False, "dropless": False}
-    cheap = {**own, "num_selected_experts": 1, "capacity_factor": 0.5, "batch_priority": True}
-    trained.model.calibration = Calibration([Point(own, 0.8, 2e6), Point(cheap, 0.7, 1e6),
-                                             Point({**cheap, "batch_priority": False}, 0.6, 1e6)], reference=0)
-    try:
-        analyze(trained.model, trained.test_ds, str(tmp_path), 32, capacity_factors=(0.25, 1.0), num_map_images=2)
-    finally:
-        trained.model.calibration = None
-    page = (tmp_path / "report.html").read_text()
+    from helpers import calibrated_report
+    page = open(calibrated_report(trained, tmp_path)).read()
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert sources and all(s.startswith("data:") for s in sources)  # nothing outside the file
     assert page.count("data:image/png;base64,") == 5

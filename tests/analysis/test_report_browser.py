@@ -17,9 +17,7 @@ import re
 import shutil
 
 import pytest
-
-from vmoe_torch.analysis.report import analyze
-from vmoe_torch.storage.calibration import Calibration, Point
+from helpers import calibrated_report
 
 CHROMIUM = os.environ.get("VMOE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (make report-check installs it)"),
@@ -30,15 +28,7 @@ def _report(trained, tmp_path) -> str:
     given = os.environ.get("VMOE_REPORT")
     if given:
         return os.path.abspath(given)
-    own = {"num_selected_experts": 2, "capacity_factor": 1.05, "batch_priority": False, "dropless": False}
-    cheap = {**own, "num_selected_experts": 1, "capacity_factor": 0.5, "batch_priority": True}
-    trained.model.calibration = Calibration([Point(own, 0.8, 2e6), Point(cheap, 0.7, 1e6),
-                                             Point({**cheap, "batch_priority": False}, 0.6, 1e6)], reference=0)
-    try:
-        analyze(trained.model, trained.test_ds, str(tmp_path), 32, capacity_factors=(0.25, 1.0), num_map_images=2)
-    finally:
-        trained.model.calibration = None
-    return str(tmp_path / "report.html")
+    return calibrated_report(trained, tmp_path)
 
 
 def test_the_report_in_headless_chromium(trained, tmp_path):

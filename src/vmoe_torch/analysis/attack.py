@@ -52,34 +52,29 @@ def pgd_attack(model: Any, images: Tensor, labels: Tensor, eps: float, steps: in
     return x
 
 
-def selected_experts(dispatcher: Any, groups: int, size: int, num_experts: int) -> Optional[Tensor]:
-    """(G*S, E) bool: which experts process each token of a routed run, from
-    its dispatcher; None for Soft MoE (every expert sees every token)."""
+def selected_experts(dispatcher: Any, groups: int, size: int, num_experts: int,
+                     device: torch.device) -> Optional[Tensor]:
+    """(G*S, E) bool on `device`: which experts process each token of a
+    routed run, from its dispatcher; None for Soft MoE (every expert sees
+    every token)."""
     inner = getattr(dispatcher, "inner", dispatcher)
     tokens = groups * size
-    mask = torch.zeros(tokens * num_experts + 1, dtype=torch.bool, device=_device(inner))
+    if isinstance(inner, EinsumDispatcher):
+        return inner.dispatch_mask.any(-1).reshape(tokens, num_experts)
+    mask = torch.zeros(tokens * num_experts + 1, dtype=torch.bool, device=device)
     if isinstance(inner, IndexDispatcher):
         plan = inner.plan
-        token = torch.arange(tokens, device=mask.device).view(groups, size, 1)
+        token = torch.arange(tokens, device=device).view(groups, size, 1)
         flat = torch.where(plan.kept, token * num_experts + plan.expert_index, tokens * num_experts)
         mask[flat.reshape(-1)] = True
     elif isinstance(inner, DroplessDispatcher):
         mask[inner.row_token * num_experts + inner.row_expert] = True
     elif isinstance(inner, ExpertChoiceDispatcher):
-        expert = torch.arange(num_experts, device=mask.device).repeat_interleave(groups * inner.capacity)
+        expert = torch.arange(num_experts, device=device).repeat_interleave(groups * inner.capacity)
         mask[inner.slot_token * num_experts + expert] = True
-    elif isinstance(inner, EinsumDispatcher):
-        return inner.dispatch_mask.any(-1).reshape(tokens, num_experts)
     else:
         return None
     return mask[:-1].view(tokens, num_experts)
-
-
-def _device(dispatcher: Any) -> torch.device:
-    for name in ("slot_token", "row_token", "combine_weights"):
-        if hasattr(dispatcher, name):
-            return getattr(dispatcher, name).device
-    return dispatcher.plan.expert_index.device if hasattr(dispatcher, "plan") else torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -93,7 +88,7 @@ def record_selected(model: Any) -> Iterator[dict[str, list[Tensor]]]:
     def hook_for(name: str, experts: int):
         def hook(module: Any, inputs: Any, output: Any) -> None:  # noqa: ARG001
             groups, size = inputs[0].shape[:2]
-            mask = selected_experts(output[0], groups, size, experts)
+            mask = selected_experts(output[0], groups, size, experts, inputs[0].device)
             if mask is not None:
                 recorded[name].append(mask)
         return hook

@@ -32,19 +32,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..analysis.attack import attack_sweep, write_attack
-    from ..config import load_config
-    from ..data.pipeline import build_datasets, eval_batches, to_model_range
+    from ..data.pipeline import eval_batches, to_model_range
     from ..models.loading import load_model
+    from .data_arg import test_split
     if args.eps is None:
         args.eps = [level / 127.5 for level in (args.levels or [1.0, 2.0, 4.0])]
     if args.steps < 1 or args.images < 1 or any(not e >= 0 for e in args.eps):
         raise ValueError("--steps and --images must be >= 1 and every --eps >= 0.")
-    data = [] if args.data.endswith((".yaml", ".yml")) else [f"data.name={args.data}"]
-    cfg = load_config(args.data if not data else None, data + args.overrides)
     model = load_model(args.checkpoint).eval()
-    if tuple(model.config.image_size) != (cfg.data.image_size,) * 2:
-        cfg.data.image_size = model.config.image_size[0]
-    _, test = build_datasets(cfg.data)
+    cfg, test = test_split(args.data, args.overrides, model)
     subset = torch.utils.data.Subset(test, range(min(args.images, len(test))))
 
     def batches():

@@ -230,17 +230,10 @@ def run_consolidate(args: argparse.Namespace) -> int:
 
 def run_analyze(args: argparse.Namespace) -> int:
     from ..analysis.report import analyze
-    from ..config import load_config
-    from ..data.pipeline import build_datasets
     from ..models.loading import load_model
-    if args.data.endswith((".yaml", ".yml")):
-        cfg = load_config(args.data, args.overrides)
-    else:
-        cfg = load_config(None, [f"data.name={args.data}"] + args.overrides)
+    from .data_arg import test_split
     model = load_model(args.checkpoint)
-    if tuple(model.config.image_size) != (cfg.data.image_size,) * 2:
-        cfg.data.image_size = model.config.image_size[0]
-    _, test = build_datasets(cfg.data)
+    cfg, test = test_split(args.data, args.overrides, model)
     soft = load_model(args.soft_moe) if args.soft_moe else None
     res = analyze(model, test, args.out, cfg.data.eval_batch_size, num_map_images=args.images,
                   soft_model=soft)

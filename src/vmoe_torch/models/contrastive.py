@@ -11,6 +11,7 @@ from caption templates, images assigned to the most similar class.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional, Sequence, cast
 
@@ -176,7 +177,6 @@ class ContrastiveModel(nn.Module):
 
 
 def _with_head(cfg: Any, embed_dim: int) -> Any:
-    import dataclasses
     return dataclasses.replace(cfg, num_classes=embed_dim, head_kernel_zero_init=False, head_bias_init=0.0)
 
 
@@ -215,8 +215,6 @@ def zero_shot_accuracy(model: ContrastiveModel, classifier: Tensor, batches: Any
 def create_contrastive_model(name: str, **changes: Any) -> ContrastiveModel:
     """A named contrastive model (`config.contrastive.contrastive_presets`);
     `changes` replace top-level ContrastiveConfig fields (e.g. text=...)."""
-    import dataclasses
-
     from ..config.contrastive import contrastive_presets
     presets = contrastive_presets()
     if name not in presets:

@@ -159,13 +159,13 @@ def kl_lbfgs_plan(logits: Tensor, maxiter: int, tol: float = 1e-3, gradient: str
     The groups are solved as one problem (their objectives add up, so the
     solution is each group's); torch's L-BFGS checks convergence on the host.
     """
+    if gradient == "unrolled":
+        raise ValueError("L-BFGS has no unrolled gradient here: use gradient='implicit' (the reference's) "
+                         "or 'none'.")
     _check_gradient(gradient, GRADIENTS)
     alpha = _lbfgs_duals(logits.detach(), maxiter, tol)
     if gradient == "implicit" and torch.is_grad_enabled() and logits.requires_grad:
         return _EntropicImplicit.apply(logits, 0, alpha)
-    if gradient == "unrolled":
-        raise ValueError("L-BFGS has no unrolled gradient here: use gradient='implicit' (the reference's) "
-                         "or 'none'.")
     return _semi_dual_entropic_plan(alpha, logits.detach())
 
 
