@@ -5,6 +5,8 @@ bf16 (autocast, as training runs it), with the expert MLP as the yardstick.
 Phases (top-K layer, E=8, K=2, C=1.05, BPR on):
   router     router matmul + softmax (float32, outside autocast)
   noise      the counter-based per-group normal draw and its addition
+  noise_prev the same draw as computed before the per-element hashes were
+             cached (kept here only, for the before/after in one run)
   topk_bpr   top-K of the gates, the BPR priority sort
   capacity   slot assignment (positions within each expert's buffer)
   dispatch   building the index dispatcher and gathering the buffers
@@ -17,6 +19,9 @@ Phases (top-K layer, E=8, K=2, C=1.05, BPR on):
   layer      the whole top-K layer (MoeMlp), metrics on
   layer_lean the whole top-K layer with metrics off (`routing_metrics(False)`,
              what the trainer does on steps it does not log)
+  layer_prev the whole layer as it ran before this round of cuts: statistics
+             on every step and the previous noise draw (what every training
+             step paid); layer_prev - layer_lean is what the cuts saved
 
 Each phase is reported in ms and as a fraction of the experts' time; the
 sum of the top-K phases against layer - experts tells how much of the
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import platform
 
 import torch
@@ -37,7 +43,8 @@ from moe_layer import timed  # the interleaved-repeats median of benchmarks/moe_
 from vmoe_torch import MoeMlp, RoutingConfig
 from vmoe_torch.moe.dispatch import IndexDispatcher
 from vmoe_torch.moe.metrics_switch import routing_metrics
-from vmoe_torch.moe.noise import group_normal, seed_words
+from vmoe_torch.moe import noise as noise_module
+from vmoe_torch.moe.noise import MASK32, _uniform, group_normal, hash32, seed_words
 from vmoe_torch.moe.routers import routing_stats
 from vmoe_torch.moe.routing import (
     importance_loss,
@@ -55,6 +62,19 @@ SHAPES = {  # name: (group_size, groups, D, H)
     "B16": (1576, 4, 768, 3072),
 }
 E, K, CF = 8, 2, 1.05
+
+
+def group_normal_prev(seed, first_group, groups, shape):
+    """The draw as `moe.noise.group_normal` computed it before its
+    per-element hashes were cached: four hash passes per call (same bits)."""
+    n = math.prod(shape)
+    key = hash32(hash32(seed[0]) ^ seed[1])
+    g = torch.arange(groups, dtype=torch.int64) + first_group
+    gkey = hash32(key ^ hash32(g & MASK32)).unsqueeze(1)
+    i = torch.arange(n, dtype=torch.int64).unsqueeze(0)
+    u1 = _uniform(hash32(gkey ^ hash32((2 * i) & MASK32)))
+    u2 = _uniform(hash32(gkey ^ hash32((2 * i + 1) & MASK32)))
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)).view(groups, *shape)
 
 
 def phases(shape: str, bf16: bool) -> dict:
@@ -83,6 +103,9 @@ def phases(shape: str, bf16: bool) -> dict:
 
     def run_noise():
         logits + (1.0 / E) * group_normal(seed, 0, groups, (size, E))
+
+    def run_noise_prev():
+        logits + (1.0 / E) * group_normal_prev(seed, 0, groups, (size, E))
 
     def run_topk():
         t, _ = sorted_top_k(gates, K)
@@ -135,10 +158,18 @@ def phases(shape: str, bf16: bool) -> dict:
                 y, m = layer(x)
                 (y.float().square().mean() + m["auxiliary_loss"]).backward()
         return run
-    fns = {"router": run_router, "noise": run_noise, "topk_bpr": run_topk, "capacity": run_capacity,
+
+    def run_layer_prev():
+        current = noise_module.group_normal
+        noise_module.group_normal = group_normal_prev
+        try:
+            run_layer(True)()
+        finally:
+            noise_module.group_normal = current
+    fns = {"router": run_router, "noise": run_noise, "noise_prev": run_noise_prev, "topk_bpr": run_topk, "capacity": run_capacity,
            "dispatch": run_dispatch, "combine": run_combine, "losses": run_losses, "metrics": run_metrics,
            "soft_norm": run_soft_norm, "soft_metrics": run_soft_metrics, "experts": run_experts,
-           "layer": run_layer(True), "layer_lean": run_layer(False)}
+           "layer": run_layer(True), "layer_lean": run_layer(False), "layer_prev": run_layer_prev}
     return fns
 
 
@@ -153,17 +184,20 @@ def main() -> None:
           f"oneDNN bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}, torch {torch.__version__}, "
           f"{args.threads} threads; E={E}, K={K}, C={CF}, BPR; median of {args.repeats}")
     names = ["router", "noise", "topk_bpr", "capacity", "dispatch", "combine", "losses", "metrics", "soft_norm",
-             "soft_metrics", "experts", "layer", "layer_lean"]
-    print("| shape | dtype | " + " | ".join(names) + " | top-K phases / (layer - experts) |")
-    print("|---|---|" + "---|" * (len(names) + 1))
+             "soft_metrics", "noise_prev", "experts", "layer", "layer_lean", "layer_prev"]
+    print("| shape | dtype | " + " | ".join(names) + " | top-K phases / (layer - experts) "
+          "| overhead before: layer_prev - experts | after: layer_lean - experts | after / before |")
+    print("|---|---|" + "---|" * (len(names) + 4))
     for shape in args.shapes:
         for bf16 in (False, True):
             t = timed(phases(shape, bf16), args.repeats)
             exp = t["experts"]
             cells = [f"{t[n] * 1e3:.2f} ({t[n] / exp:.3f})" for n in names]
             topk = sum(t[n] for n in names[:8])
+            before, after = t["layer_prev"] - exp, t["layer_lean"] - exp
             print(f"| {shape} {SHAPES[shape]} | {'bf16' if bf16 else 'fp32'} | " + " | ".join(cells)
-                  + f" | {topk / max(t['layer'] - exp, 1e-9):.2f} |", flush=True)
+                  + f" | {topk / max(t['layer'] - exp, 1e-9):.2f} | {before * 1e3:.2f} ({before / exp:.3f}) "
+                  f"| {after * 1e3:.2f} ({after / exp:.3f}) | {after / before:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

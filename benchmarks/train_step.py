@@ -6,7 +6,14 @@
    dense ViT-S/32, in fp32 and with bf16 autocast.
 
 Each figure is the median over timed steps (forward, backward, AdamW
-update) after warm-up steps.
+update) after warm-up steps. The routing statistics are off, as on the
+trainer's steps that do not log (`routing_metrics(False)`).
+
+For the demo rows, the FLOPs of one training step (forward + backward,
+torch's FlopCounterMode; CPU attention counted with torch's own attention
+formulas) and the FLOP ceiling: the dense twin's FLOPs over the model's, the
+throughput ratio the model would reach at the dense model's FLOP rate with
+no routing cost at all. measured / ceiling is the share of that reached.
 
 With --compile: eager against `torch.compile(model, dynamic=True,
 fullgraph=True)` (inductor; the router-noise seed changes every step, as in
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 
 from vmoe_torch import create_model
 from vmoe_torch.config import load_config
+from vmoe_torch.moe.metrics_switch import routing_metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"   # the demo's model settings come from here
 
@@ -44,7 +52,7 @@ def images_per_s(name: str, batch: int, image: int, bf16: bool, steps: int, warm
     for i in range(warmup + steps):
         model.set_noise_seed(i)
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), routing_metrics(False):
             logits, metrics = forward(x, return_metrics=True, members=True)
         members = logits.shape[0] // batch  # E^3: one row per (image, member)
         loss = F.cross_entropy(logits.float(), y.repeat_interleave(members)) + metrics["auxiliary_loss"]
@@ -56,6 +64,31 @@ def images_per_s(name: str, batch: int, image: int, bf16: bool, steps: int, warm
         elif i == 0 and first is not None:
             first.append(time.perf_counter() - t)
     return batch / statistics.median(times)
+
+
+def _sdpa_cpu_flops(q, k, v, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(q, k, v)
+
+
+def _sdpa_cpu_backward_flops(grad_out, q, k, v, *args, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+def step_flops(name: str, batch: int, image: int, **kw) -> float:
+    """FLOPs of one training step's forward + backward (no optimizer)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+    torch.manual_seed(0)
+    model = create_model(name, image_size=image, **kw).train()
+    x = torch.randn(batch, 3, image, image)
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, routing_metrics(False):
+        logits, metrics = model(x, return_metrics=True, members=True)
+        (logits.float().logsumexp(-1).mean() + metrics["auxiliary_loss"]).backward()
+    return float(counter.get_total_flops())
 
 
 def compile_rows(args: argparse.Namespace, demo: dict) -> None:
@@ -92,17 +125,22 @@ def main() -> None:
         compile_rows(args, demo)
         return
     batch, px = demo["moe"].data.batch_size, demo["moe"].data.image_size
-    print("| model | batch | px | precision | images/s | ratio to dense |")
-    print("|---|---|---|---|---|---|")
+    flops = {name: step_flops(cfg.model.name, batch, px, **cfg.model.create_kwargs()) for name, cfg in demo.items()}
+    print("| model | batch | px | precision | images/s | ratio to dense | GFLOP / step | FLOP ceiling "
+          "| measured / ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for bf16 in ([False] if args.skip_bf16 else [False, True]):
         prec = "bf16 autocast" if bf16 else "fp32"
         dense = images_per_s(demo["dense"].model.name, batch, px, bf16, args.steps, args.warmup,
                              **demo["dense"].model.create_kwargs())
-        print(f"| demo dense ViT-Mi/8 | {batch} | {px} | {prec} | {dense:.1f} | 1.00 |", flush=True)
+        print(f"| demo dense ViT-Mi/8 | {batch} | {px} | {prec} | {dense:.1f} | 1.00 | "
+              f"{flops['dense'] / 1e9:.2f} | 1.00 | 1.00 |", flush=True)
         for name, label in labels.items():
             ips = images_per_s(demo[name].model.name, batch, px, bf16, args.steps, args.warmup,
                                **demo[name].model.create_kwargs())
-            print(f"| {label} | {batch} | {px} | {prec} | {ips:.1f} | {ips / dense:.2f} |", flush=True)
+            ceiling = flops["dense"] / flops[name]
+            print(f"| {label} | {batch} | {px} | {prec} | {ips:.1f} | {ips / dense:.2f} | "
+                  f"{flops[name] / 1e9:.2f} | {ceiling:.2f} | {ips / dense / ceiling:.2f} |", flush=True)
     if args.skip_s32:
         return
     native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -20,6 +20,7 @@ is new data, not a new graph.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -54,9 +55,26 @@ def _uniform(bits: Tensor) -> Tensor:
     return ((bits >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
 
 
+def _counter_hashes(n: int, device: torch.device) -> Tensor:
+    """(1, 2n) int64: H(2i) for i < n, then H(2i + 1): the per-element half
+    of the hash, the same for every seed, group and step."""
+    i = torch.arange(n, device=device, dtype=torch.int64)
+    return hash32(torch.cat([2 * i, 2 * i + 1]) & MASK32).unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_counter_hashes(n: int, device: torch.device) -> Tensor:
+    return _counter_hashes(n, device)
+
+
 def group_normal(seed: Tensor, first_group: int, groups: int, shape: tuple[int, ...]) -> Tensor:
     """(groups, *shape) float32 standard normals; row r is global group
     `first_group + r`, and it is the same whichever call produces it.
+
+    The per-element hashes H(2i), H(2i + 1) do not depend on the seed or the
+    group, so eager calls reuse them (a small cache per element count and
+    device); u1 and u2 are hashed in one pass. The values are the same
+    integers as hashing them every call.
 
     Args:
       seed: (2,) int64 words (`seed_words`), on the device to draw on.
@@ -67,9 +85,12 @@ def group_normal(seed: Tensor, first_group: int, groups: int, shape: tuple[int, 
     key = hash32(hash32(seed[0]) ^ seed[1])
     g = torch.arange(groups, device=device, dtype=torch.int64) + first_group
     gkey = hash32(key ^ hash32(g & MASK32)).unsqueeze(1)                 # (groups, 1)
-    i = torch.arange(n, device=device, dtype=torch.int64).unsqueeze(0)   # (1, n)
-    u1 = _uniform(hash32(gkey ^ hash32((2 * i) & MASK32)))
-    u2 = _uniform(hash32(gkey ^ hash32((2 * i + 1) & MASK32)))
+    if torch.compiler.is_compiling() or device.type == "meta":
+        counters = _counter_hashes(n, device)  # traced: the compiler folds or fuses it
+    else:
+        counters = _cached_counter_hashes(n, device)                     # (1, 2n)
+    u = _uniform(hash32(gkey ^ counters))                                # (groups, 2n)
+    u1, u2 = u[:, :n], u[:, n:]
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
     return z.view(groups, *shape)
 
