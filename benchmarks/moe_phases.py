@@ -41,9 +41,9 @@ import torch
 from moe_layer import timed  # the interleaved-repeats median of benchmarks/moe_layer.py
 
 from vmoe_torch import MoeMlp, RoutingConfig
+from vmoe_torch.moe import noise as noise_module
 from vmoe_torch.moe.dispatch import IndexDispatcher
 from vmoe_torch.moe.metrics_switch import routing_metrics
-from vmoe_torch.moe import noise as noise_module
 from vmoe_torch.moe.noise import MASK32, _uniform, group_normal, hash32, seed_words
 from vmoe_torch.moe.routers import routing_stats
 from vmoe_torch.moe.routing import (
@@ -166,7 +166,8 @@ def phases(shape: str, bf16: bool) -> dict:
             run_layer(True)()
         finally:
             noise_module.group_normal = current
-    fns = {"router": run_router, "noise": run_noise, "noise_prev": run_noise_prev, "topk_bpr": run_topk, "capacity": run_capacity,
+    fns = {"router": run_router, "noise": run_noise, "noise_prev": run_noise_prev, "topk_bpr": run_topk,
+           "capacity": run_capacity,
            "dispatch": run_dispatch, "combine": run_combine, "losses": run_losses, "metrics": run_metrics,
            "soft_norm": run_soft_norm, "soft_metrics": run_soft_metrics, "experts": run_experts,
            "layer": run_layer(True), "layer_lean": run_layer(False), "layer_prev": run_layer_prev}
