@@ -28,6 +28,7 @@ Usage: python benchmarks/moe_layer.py [--repeats 5] [--shapes S32 B16] [--thread
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -48,18 +49,34 @@ SOFT_SHAPES = {  # name: (tokens per image = group size, images, D, H)
 }
 
 
-def timed(fns: dict, repeats: int) -> dict:
-    """Median seconds per function. The functions are interleaved within each
-    repeat so that clock and cache drift hits all of them alike."""
+def timed_runs(fns: dict, repeats: int) -> dict:
+    """Seconds of every run of every function, one list per function. The
+    functions are interleaved within each repeat, in an order shuffled per
+    repeat (fixed seeds), so that clock and cache drift and the position in
+    the sequence hit all of them alike; entry i of each list is repeat i."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        order = list(fns)
+        random.Random(r).shuffle(order)
+        for name in order:
             t = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def timed(fns: dict, repeats: int) -> dict:
+    """Median seconds per function (`timed_runs`)."""
+    return {name: statistics.median(ts) for name, ts in timed_runs(fns, repeats).items()}
+
+
+def paired_difference(runs: dict, a: str, b: str) -> float:
+    """Median over repeats of run a minus run b of the same repeat: a
+    difference read from back-to-back pairs, which slow drift of the
+    machine's speed moves less than the difference of two medians."""
+    return statistics.median(x - y for x, y in zip(runs[a], runs[b]))
 
 
 def bench(shape: str, experts: int, k: int, repeats: int) -> dict:

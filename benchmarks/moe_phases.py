@@ -23,9 +23,19 @@ Phases (top-K layer, E=8, K=2, C=1.05, BPR on):
              on every step and the previous noise draw (what every training
              step paid); layer_prev - layer_lean is what the cuts saved
 
+Every backward starts from a dense gradient (`.square().mean()`), as in a
+model, where the next layer hands back a contiguous gradient. An earlier
+version ended some phases with `.sum()`, whose backward hands on a stride-0
+(expanded) gradient; on it torch's bmm in the combine's backward loops over
+the T matrices one by one (32,000 select / clone / copy calls in 10 runs),
+and the combine measured about 9 ms instead of about 6 at S/32.
+
 Each phase is reported in ms and as a fraction of the experts' time; the
 sum of the top-K phases against layer - experts tells how much of the
-overhead the phases account for. The CPU's ISA is printed, so that runs on
+overhead the phases account for. The overhead before and after (layer_prev
+and layer_lean minus the experts) is the median of back-to-back
+differences within each repeat (`moe_layer.paired_difference`), not the
+difference of two medians. The CPU's ISA is printed, so that runs on
 different machines can be read side by side.
 
 Usage: python benchmarks/moe_phases.py [--shapes demo S32 B16] [--repeats 5] [--threads 2]
@@ -36,9 +46,10 @@ import argparse
 import contextlib
 import math
 import platform
+import statistics
 
 import torch
-from moe_layer import timed  # the interleaved-repeats median of benchmarks/moe_layer.py
+from moe_layer import paired_difference, timed_runs  # benchmarks/moe_layer.py's interleaved repeats
 
 from vmoe_torch import MoeMlp, RoutingConfig
 from vmoe_torch.moe import noise as noise_module
@@ -99,7 +110,7 @@ def phases(shape: str, bf16: bool) -> dict:
 
     def run_router():
         with amp():
-            torch.softmax(router.logits(x), -1).sum().backward()
+            torch.softmax(router.logits(x), -1).square().mean().backward()
 
     def run_noise():
         logits + (1.0 / E) * group_normal(seed, 0, groups, (size, E))
@@ -117,7 +128,7 @@ def phases(shape: str, bf16: bool) -> dict:
     def run_dispatch():
         with amp():
             d = IndexDispatcher(plan)
-            d.dispatch(x).float().sum().backward()
+            d.dispatch(x).float().square().mean().backward()
 
     d_fixed = IndexDispatcher(plan)
     weights = plan.combine_weights.detach().requires_grad_()
@@ -125,7 +136,7 @@ def phases(shape: str, bf16: bool) -> dict:
     def run_combine():
         with amp():
             d_fixed.weights = weights * plan.kept
-            d_fixed.combine(buf).float().sum().backward()
+            d_fixed.combine(buf).float().square().mean().backward()
 
     def run_losses():
         lg = logits.detach().requires_grad_()
@@ -191,11 +202,13 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(names) + 4))
     for shape in args.shapes:
         for bf16 in (False, True):
-            t = timed(phases(shape, bf16), args.repeats)
+            runs = timed_runs(phases(shape, bf16), args.repeats)
+            t = {name: statistics.median(ts) for name, ts in runs.items()}
             exp = t["experts"]
             cells = [f"{t[n] * 1e3:.2f} ({t[n] / exp:.3f})" for n in names]
             topk = sum(t[n] for n in names[:8])
-            before, after = t["layer_prev"] - exp, t["layer_lean"] - exp
+            before = paired_difference(runs, "layer_prev", "experts")
+            after = paired_difference(runs, "layer_lean", "experts")
             print(f"| {shape} {SHAPES[shape]} | {'bf16' if bf16 else 'fp32'} | " + " | ".join(cells)
                   + f" | {topk / max(t['layer'] - exp, 1e-9):.2f} | {before * 1e3:.2f} ({before / exp:.3f}) "
                   f"| {after * 1e3:.2f} ({after / exp:.3f}) | {after / before:.2f} |", flush=True)
