@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -103,6 +104,35 @@ def test_a_scaled_loop_passes_its_factor():
     _assert_same(_grads(model, lambda out, y, m: F.cross_entropy(out, y) / 4.0), want)
     with pytest.raises(ValueError, match="positive finite"):
         model.set_auxiliary_loss_gradient(scale=0.0)
+
+
+def test_timm_keyword_sets_the_factor_for_scripts_without_another_door():
+    """train.py --grad-accum-steps N divides its loss by N; --model-kwargs
+    auxiliary_loss_gradient_scale=1/N keeps the two terms' ratio."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(NAME, num_classes=10, auxiliary_loss_gradient_scale=0.25).train()
+    got = _grads(model, lambda out, y, m: F.cross_entropy(out, y) / 4.0)  # the keyword's factor
+    _assert_same(got, _reference(model, divide=4.0))
+    off = timm.create_model(NAME, num_classes=10, auxiliary_loss_gradient_scale=0)
+    assert off(torch.zeros(2, 3, 32, 32)).grad_fn is not None and off._aux_gradient_scale is None
+    for bad in (-1, float("inf"), "half", True):
+        with pytest.raises(ValueError, match="auxiliary_loss_gradient_scale must be a finite number"):
+            timm.create_model(NAME, auxiliary_loss_gradient_scale=bad)
+
+
+def test_float16_logits_warn_that_loss_scaling_misses_the_attached_gradient():
+    model = _model()
+    x, _ = _batch(2)
+    with pytest.warns(UserWarning, match="GradScaler.*bfloat16"):
+        with torch.autocast("cpu", dtype=torch.float16):
+            model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.float16):
+            model(x)  # once per model
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _model()(x)  # bfloat16 has no loss scaling: no warning
 
 
 def test_gradient_checkpointing_and_bf16_autocast():

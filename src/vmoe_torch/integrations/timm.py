@@ -70,6 +70,24 @@ def _local_file(overlay: dict[str, Any]) -> dict[str, Any]:
     return {**overlay, "file": path} if path else overlay
 
 
+# A run-time setting, not architecture: the factor of the auxiliary-loss
+# gradient the training logits carry (`set_auxiliary_loss_gradient`), for
+# scripts whose only door is a keyword (train.py --model-kwargs): 1/N under
+# --grad-accum-steps N, 0 to switch the attachment off.
+AUX_SCALE_KWARG = "auxiliary_loss_gradient_scale"
+
+
+def _set_aux_gradient_scale(model: Any, timm_name: str, scale: Any) -> None:
+    inner = getattr(model, "model", model)  # timm's feature wrappers hold the model
+    if not isinstance(inner, VisionTransformerMoe):
+        raise TypeError(f"{timm_name}: {AUX_SCALE_KWARG} applies to vmoe-torch models, not "
+                        f"{type(inner).__name__}.")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+        raise ValueError(f"{timm_name}: {AUX_SCALE_KWARG} must be a finite number >= 0 (1/N under gradient "
+                         f"accumulation over N micro-batches, 0 to switch the attachment off), got {scale!r}.")
+    inner.set_auxiliary_loss_gradient(attached=scale > 0, scale=float(scale) if scale > 0 else 1.0)
+
+
 def _entry(timm_name: str, base: Optional[Callable[[], ModelConfig]]) -> Callable[..., Any]:
     """timm's entry point for `timm_name`; `base` builds its preset config
     (None: `vmoe_pretrained`, whose architecture comes from the file)."""
@@ -96,6 +114,7 @@ def _entry(timm_name: str, base: Optional[Callable[[], ModelConfig]]) -> Callabl
                      if k in kwargs}
 
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        aux_scale = kwargs.pop(AUX_SCALE_KWARG, None)
 
         def build(**model_kwargs: Any) -> VisionTransformerMoe:
             with torch.device(device) if device is not None else contextlib.nullcontext():
@@ -108,6 +127,8 @@ def _entry(timm_name: str, base: Optional[Callable[[], ModelConfig]]) -> Callabl
                                      pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=overlay or None,
                                      feature_cfg={"feature_cls": "getter", "out_indices": min(3, known.num_layers)},
                                      **timm_only, **kwargs)
+        if aux_scale is not None:
+            _set_aux_gradient_scale(model, timm_name, aux_scale)
         if isinstance(model, VisionTransformerMoe):  # the input this model takes, not the registry default
             own = default_pretrained_cfg(model.config)
             keep = {"input_size", "fixed_input_size"} if base is not None else set(own)

@@ -140,6 +140,7 @@ class VisionTransformerMoe(RoutingControl, BudgetControl, TimmContract, nn.Modul
         self.calibration: Optional[Calibration] = None  # measured accuracy-compute curve (`at_budget`)
         self._aux_guard = AuxLossGuard()
         self._aux_gradient_scale: Optional[float] = 1.0  # `set_auxiliary_loss_gradient`
+        self._warned_fp16 = False
         self.pretrained_cfg = default_pretrained_cfg(config)
         d = config.hidden_size
         self.patch_embed = PatchEmbed(config.patch_size, d, config.in_chans)
@@ -409,6 +410,14 @@ class VisionTransformerMoe(RoutingControl, BudgetControl, TimmContract, nn.Modul
             return logits
         if not (aux.requires_grad and logits.requires_grad):
             return logits
+        if logits.dtype == torch.float16 and not self._warned_fp16 and not torch.compiler.is_compiling():
+            self._warned_fp16 = True
+            warnings.warn(
+                "float16 logits in training: a loop that scales its loss (a GradScaler, as timm's train.py "
+                "does for --amp-dtype float16) does not scale the auxiliary-loss gradient the logits carry, "
+                "so the router's load-balancing gradient shrinks by the loss scale. Train in bfloat16 "
+                "(no loss scaling), or add `model.auxiliary_loss` to the loss before scaling "
+                "(vmoe_torch.WithAuxiliaryLoss).", stacklevel=3)
         logits, self.metrics["auxiliary_loss"] = attach_auxiliary_loss(logits, aux, self._aux_gradient_scale)
         return logits
 
@@ -422,10 +431,13 @@ class VisionTransformerMoe(RoutingControl, BudgetControl, TimmContract, nn.Modul
         the logits feed several losses. A loop that adds
         `model.auxiliary_loss` to its loss (any weight) gets that explicit
         gradient instead, never both. A loop that divides its loss by N
-        (gradient accumulation) or multiplies it (fp16 loss scaling) and
-        does not add the auxiliary loss itself should pass that factor as
-        `scale`. `attached=False` restores plain logits (and a warning when
-        the auxiliary loss gets no gradient)."""
+        (gradient accumulation) or multiplies it by a fixed factor and does
+        not add the auxiliary loss itself should pass that factor as
+        `scale` (timm: the `auxiliary_loss_gradient_scale` keyword). A
+        dynamic fp16 loss scale (GradScaler) cannot be followed: add the
+        auxiliary loss before scaling, or train in bfloat16; float16 logits
+        warn once. `attached=False` restores plain logits (and a warning
+        when the auxiliary loss gets no gradient)."""
         if attached and not (0 < scale < float("inf")):
             raise ValueError(f"scale must be a positive finite number, got {scale!r}.")
         self._aux_gradient_scale = float(scale) if attached else None
