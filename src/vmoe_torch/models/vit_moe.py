@@ -417,7 +417,7 @@ class VisionTransformerMoe(RoutingControl, BudgetControl, TimmContract, nn.Modul
                 "does for --amp-dtype float16) does not scale the auxiliary-loss gradient the logits carry, "
                 "so the router's load-balancing gradient shrinks by the loss scale. Train in bfloat16 "
                 "(no loss scaling), or add `model.auxiliary_loss` to the loss before scaling "
-                "(vmoe_torch.WithAuxiliaryLoss).", stacklevel=3)
+                "(vmoe_torch.WithAuxiliaryLoss); a loss that already adds it needs nothing.", stacklevel=3)
         logits, self.metrics["auxiliary_loss"] = attach_auxiliary_loss(logits, aux, self._aux_gradient_scale)
         return logits
 
