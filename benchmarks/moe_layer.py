@@ -23,6 +23,12 @@ grouped matmuls), the dropless layer with its fallback loop over experts, and
 the expert MLP alone on exactly the G*S*K routed rows (grouped matmuls): the
 floor of any capacity-free layer.
 
+E^3 rows (`--e3-only`): the E^3 layer (M=2 members, each routing among its
+own E/2 experts; members interleaved in every group, the reference's layout)
+against the top-K layer on the same tokens with the same E, K and C, and the
+expert MLP alone on their (E, G*C, D) buffers; statistics off in both (as on
+the trainer's unlogged steps).
+
 Usage: python benchmarks/moe_layer.py [--repeats 5] [--shapes S32 B16] [--threads 2]
 """
 from __future__ import annotations
@@ -182,6 +188,38 @@ def bench_dropless(shape: str, experts: int, k: int, repeats: int) -> dict:
                 loop_over_dropless=t["loop"] / t["dropless"])
 
 
+def bench_e3(shape: str, experts: int, k: int, repeats: int) -> dict:
+    group_size, groups, dim, hidden = SHAPES[shape]
+    torch.manual_seed(0)
+    layers = {m: MoeMlp(dim, hidden, experts, num_selected_experts=k, capacity_factor=1.05,
+                        group_size=group_size, ensemble_size=m).train() for m in (1, 2)}
+    capacity = layers[2].capacity_for(group_size)
+    assert capacity == layers[1].capacity_for(group_size)
+    x = torch.randn(groups, group_size, dim, requires_grad=True)  # (B*M, N, D): G rows of S tokens
+    buf = torch.randn(experts, groups * capacity, dim, requires_grad=True)
+
+    def run(m: int):
+        def step():
+            with routing_metrics(False):
+                y, _ = layers[m](x)
+                y.square().mean().backward()
+        return step
+
+    def run_experts():
+        layers[1].experts(buf).square().mean().backward()
+
+    t = timed({"topk": run(1), "e3": run(2), "experts": run_experts}, repeats)
+    return dict(shape=shape, E=experts, K=k, C=capacity, e3_ms=t["e3"] * 1e3, topk_ms=t["topk"] * 1e3,
+                experts_ms=t["experts"] * 1e3, e3_over_experts=t["e3"] / t["experts"],
+                topk_over_experts=t["topk"] / t["experts"], e3_over_topk=t["e3"] / t["topk"])
+
+
+E3_TABLE = ("| E^3 shape | E | K | C | E^3 layer, M=2 (ms) | top-K layer (ms) | expert MLP alone (ms) "
+            "| E^3 / experts | top-K / experts | E^3 / top-K |",
+            ("shape", "E", "K", "C", "e3_ms", "topk_ms", "experts_ms", "e3_over_experts", "topk_over_experts",
+             "e3_over_topk"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
@@ -191,12 +229,16 @@ def main() -> None:
     ap.add_argument("--k", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--soft-only", action="store_true", help="only the Soft MoE rows")
     ap.add_argument("--dropless-only", action="store_true", help="only the dropless rows")
+    ap.add_argument("--e3-only", action="store_true", help="only the E^3 rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, median of {args.repeats}; "
           f"CPU capability: {torch.backends.cpu.get_cpu_capability()}")
     if args.dropless_only:
         _table(args, bench_dropless, DROPLESS_TABLE)
+        return
+    if args.e3_only:
+        _table(args, bench_e3, E3_TABLE)
         return
     if not args.soft_only:
         sparse_rows(args)
