@@ -10,8 +10,8 @@ update) after warm-up steps. The routing statistics are off, as on the
 trainer's steps that do not log (`routing_metrics(False)`).
 
 For the demo rows, the FLOPs of one training step (forward + backward,
-torch's FlopCounterMode; CPU attention counted with torch's own attention
-formulas) and the FLOP ceiling: the dense twin's FLOPs over the model's, the
+torch's FlopCounterMode with the library's `flop_mapping`: CPU attention
+counted with torch's own attention formulas) and the FLOP ceiling: the dense twin's FLOPs over the model's, the
 throughput ratio the model would reach at the dense model's FLOP rate with
 no routing cost at all. measured / ceiling is the share of that reached.
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from vmoe_torch import create_model
 from vmoe_torch.config import load_config
+from vmoe_torch.evaluate.calibration import flop_mapping
 from vmoe_torch.moe.metrics_switch import routing_metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"   # the demo's model settings come from here
@@ -66,22 +67,10 @@ def images_per_s(name: str, batch: int, image: int, bf16: bool, steps: int, warm
     return batch / statistics.median(times)
 
 
-def _sdpa_cpu_flops(q, k, v, *args, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-    return sdpa_flop_count(q, k, v)
-
-
-def _sdpa_cpu_backward_flops(grad_out, q, k, v, *args, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_backward_flop_count
-    return sdpa_backward_flop_count(grad_out, q, k, v)
-
-
 def step_flops(name: str, batch: int, image: int, **kw) -> float:
     """FLOPs of one training step's forward + backward (no optimizer)."""
     from torch.utils.flop_counter import FlopCounterMode
-    aten = torch.ops.aten
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
-               aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+    mapping = flop_mapping()  # the library's: grouped_mm and the CPU's fused attention
     torch.manual_seed(0)
     model = create_model(name, image_size=image, **kw).train()
     x = torch.randn(batch, 3, image, image)

@@ -62,6 +62,20 @@ def test_requests_are_checked():
         Calibration.from_json({**cal.to_json(), "version": 99})
 
 
+def test_fused_cpu_attention_counts_as_its_two_matmuls():
+    """torch's FLOP registry has no formula for the CPU's fused attention; the
+    count must equal the unfused (math) attention's, whose matmuls torch counts."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = create_model("vmoe_mi4_every2_e8_k2").eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    fused = count_flops(model, x)
+    with sdpa_kernel(SDPBackend.MATH):
+        unfused = count_flops(model, x)
+    n, d = model.config.tokens_per_image, model.config.hidden_size
+    attention = 4 * n * n * d * model.config.num_layers  # QK^T and AV per image
+    assert unfused == fused and unfused > attention > 0
+
+
 def test_dropless_flops_are_counted_from_the_routed_rows():
     model = create_model("vmoe_mi4_every2_e8_k2").eval()
     x = torch.rand(16, 3, 32, 32) * 2 - 1

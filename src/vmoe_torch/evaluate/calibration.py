@@ -31,14 +31,39 @@ def _grouped_mm_flops(a_shape: Sequence[int], b_shape: Sequence[int], *args: Any
     return 2 * int(a_shape[0]) * int(a_shape[-1]) * int(b_shape[-1])
 
 
+def _sdpa_cpu_flops(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
+                    *args: Any, **kwargs: Any) -> int:
+    """The CPU's fused attention: its two matmuls, as torch counts the others."""
+    from torch.utils.flop_counter import sdpa_flop_count
+    return int(sdpa_flop_count(q_shape, k_shape, v_shape))
+
+
+def _sdpa_cpu_backward_flops(grad_shape: Sequence[int], q_shape: Sequence[int], k_shape: Sequence[int],
+                             v_shape: Sequence[int], *args: Any, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+    return int(sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape))
+
+
+def flop_mapping() -> dict[Any, Any]:
+    """FlopCounterMode formulas for the operators torch's registry leaves
+    out: grouped_mm (dropless experts) and the CPU's fused attention (its
+    forward and backward)."""
+    aten = torch.ops.aten
+    mapping: dict[Any, Any] = {}
+    if hasattr(aten, "_grouped_mm"):
+        mapping[aten._grouped_mm] = _grouped_mm_flops
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_backward_flops
+    return mapping
+
+
 def count_flops(model: Any, images: torch.Tensor) -> float:
     """Forward FLOPs per image of `model` on `images` (model range), as the
-    model routes them now: torch's FlopCounterMode, plus grouped_mm, which
-    it does not count by itself."""
+    model routes them now: torch's FlopCounterMode, with `flop_mapping` for
+    what it does not count by itself."""
     from torch.utils.flop_counter import FlopCounterMode
-    mapping = {}
-    if hasattr(torch.ops.aten, "_grouped_mm"):
-        mapping[torch.ops.aten._grouped_mm] = _grouped_mm_flops
+    mapping = flop_mapping()
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(images)
