@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .gather import paired_gather
 from .routing import TopExpertsRouting, TopItemsRouting, top_experts_per_item
 
 
@@ -72,9 +73,20 @@ class Bfloat16Dispatcher:
 class IndexDispatcher:
     """Gather/gather dispatcher for top-K-experts-per-item routing.
 
-    Dispatch gathers each slot's token (empty slots read a zero row); combine
-    gathers each token's K slots and takes their gate-weighted sum, so a
-    dropped choice contributes exactly zero.
+    Dispatch gathers each slot's token (empty slots read zeros); combine
+    gathers each token's K slots (a dropped choice reads zeros, so it
+    contributes exactly zero) and takes their gate-weighted sum. Both
+    gathers know their inverse map, so their backward passes are gathers as
+    well (`moe.gather.paired_gather`): no scatter, no atomic adds.
+
+    Attributes:
+      slot_token: (E*G*C,) token (row of the (G*S, D) input) in each slot,
+        G*S for an empty slot.
+      token_slot: (G*S, K) slot of each token's choices, E*G*C for a
+        dropped one.
+      slot_choice: (E*G*C, 1) row t*K + k of the choice in each slot, G*S*K
+        for an empty slot.
+      weights: (G, S, K) combine weights, zero for dropped choices.
     """
 
     def __init__(self, routing: TopExpertsRouting) -> None:
@@ -88,33 +100,30 @@ class IndexDispatcher:
         group_offset = torch.arange(groups, device=device).view(groups, 1, 1) * capacity
         slot = routing.expert_index * (groups * capacity) + group_offset + routing.buffer_index
         num_slots = num_experts * groups * capacity
-        # Dropped choices point at a spare slot past the end, sliced off below.
-        slot = torch.where(kept, slot, torch.full_like(slot, num_slots))
-        tokens = torch.arange(groups * group_size, device=device)
-        tokens = tokens.view(groups, group_size, 1).expand(-1, -1, k)
-        slot_token = torch.full((num_slots + 1,), groups * group_size,
-                                dtype=torch.long, device=device)
-        slot_token.scatter_(0, slot.reshape(-1), tokens.reshape(-1))
-        self.slot_token = slot_token[:num_slots]                         # (E*G*C,)
-        self.token_slot = torch.where(kept, slot, torch.zeros_like(slot)).reshape(-1)
-        self.dropped = ~kept.reshape(-1, 1)                               # (G*S*K, 1)
+        tokens = groups * group_size
+        # Dropped choices point at the zero row past the last slot.
+        slot = torch.where(kept, slot, torch.full_like(slot, num_slots)).reshape(-1)  # (G*S*K,)
+        choices = torch.arange(tokens * k, device=device)
+        slot_choice = torch.full((num_slots + 1,), tokens * k, dtype=torch.long, device=device)
+        slot_choice.scatter_(0, slot, choices)
+        self.slot_choice = slot_choice[:num_slots].view(num_slots, 1)
+        # An empty slot's choice row is G*S*K, whose token is G*S: the zero row.
+        self.slot_token = self.slot_choice[:, 0] // k
+        self.token_slot = slot.view(tokens, k)
         self.weights = routing.combine_weights * kept                     # (G, S, K)
 
     def dispatch(self, x: Tensor) -> Tensor:
         """(G, S, D) -> (E, G*C, D); empty slots hold zeros."""
         dim = x.shape[-1]
-        x = x.reshape(-1, dim)
-        x = torch.cat([x, x.new_zeros(1, dim)])
-        return x.index_select(0, self.slot_token).view(
+        return paired_gather(x.reshape(-1, dim), self.slot_token, self.token_slot).view(
             self.num_experts, self.groups * self.capacity, dim)
 
     def combine(self, y: Tensor) -> Tensor:
         """(E, G*C, D) -> (G, S, D), the gate-weighted sum over kept choices."""
         dim = y.shape[-1]
-        gathered = y.reshape(-1, dim).index_select(0, self.token_slot)
-        # A dropped choice read slot 0 above; zero it so that a non-finite value
-        # there (another token's) cannot leak in through 0 * NaN.
-        gathered = gathered.masked_fill(self.dropped, 0.0)
+        # A dropped choice reads the zero row, so a non-finite value in some
+        # slot cannot leak in through 0 * NaN.
+        gathered = paired_gather(y.reshape(-1, dim), self.token_slot.reshape(-1), self.slot_choice)
         return gate_weighted_sum(gathered, self.weights)
 
 
