@@ -10,7 +10,11 @@ Phases (top-K layer, E=8, K=2, C=1.05, BPR on):
   topk_bpr   top-K of the gates, the BPR priority sort
   capacity   slot assignment (positions within each expert's buffer)
   dispatch   building the index dispatcher and gathering the buffers
-  combine    gathering each token's K slots, masking dropped ones, weighting
+  combine    gathering each token's K slots (dropped ones read zeros), weighting
+  dispatch_prev, combine_prev  the same with the dispatcher as it was before
+             its backward became a gather (`IndexDispatcherPrev` below: the
+             backward of each gather a scatter-add, and a masking pass in
+             the combine; same bits for K <= 2)
   losses     importance + load auxiliary losses
   metrics    the per-group routing statistics (dropped fraction, load, ...)
   soft_norm  Soft MoE: normalised logits and both softmaxes (p = 6, E = 8)
@@ -19,9 +23,10 @@ Phases (top-K layer, E=8, K=2, C=1.05, BPR on):
   layer      the whole top-K layer (MoeMlp), metrics on
   layer_lean the whole top-K layer with metrics off (`routing_metrics(False)`,
              what the trainer does on steps it does not log)
-  layer_prev the whole layer as it ran before this round of cuts: statistics
-             on every step and the previous noise draw (what every training
-             step paid); layer_prev - layer_lean is what the cuts saved
+  layer_prev the whole layer as it ran before this issue's cuts: statistics
+             on every step, the previous noise draw and the previous
+             dispatcher (what every training step paid); layer_prev -
+             layer_lean is what the cuts saved
 
 Every backward starts from a dense gradient (`.square().mean()`), as in a
 model, where the next layer hands back a contiguous gradient. An earlier
@@ -53,7 +58,8 @@ from moe_layer import paired_difference, timed_runs  # benchmarks/moe_layer.py's
 
 from vmoe_torch import MoeMlp, RoutingConfig
 from vmoe_torch.moe import noise as noise_module
-from vmoe_torch.moe.dispatch import IndexDispatcher
+from vmoe_torch.moe import routers as routers_module
+from vmoe_torch.moe.dispatch import IndexDispatcher, gate_weighted_sum
 from vmoe_torch.moe.metrics_switch import routing_metrics
 from vmoe_torch.moe.noise import MASK32, _uniform, group_normal, hash32, seed_words
 from vmoe_torch.moe.routers import routing_stats
@@ -86,6 +92,29 @@ def group_normal_prev(seed, first_group, groups, shape):
     u1 = _uniform(hash32(gkey ^ hash32((2 * i) & MASK32)))
     u2 = _uniform(hash32(gkey ^ hash32((2 * i + 1) & MASK32)))
     return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)).view(groups, *shape)
+
+
+class IndexDispatcherPrev(IndexDispatcher):
+    """`IndexDispatcher` as it was before its gathers got gather backwards
+    (kept here only, for the before/after in one run): torch's index_select,
+    whose backward is a scatter-add, with a masking pass over the combine's
+    (G*S*K, D) rows."""
+
+    def __init__(self, routing) -> None:
+        super().__init__(routing)
+        num_slots = self.num_experts * self.groups * self.capacity
+        kept = self.token_slot.reshape(-1) < num_slots
+        self.token_slot_prev = torch.where(kept, self.token_slot.reshape(-1), 0)
+        self.dropped = ~kept.view(-1, 1)
+
+    def dispatch(self, x):
+        dim = x.shape[-1]
+        x = torch.cat([x.reshape(-1, dim), x.new_zeros(1, dim)])
+        return x.index_select(0, self.slot_token).view(self.num_experts, self.groups * self.capacity, dim)
+
+    def combine(self, y):
+        gathered = y.reshape(-1, y.shape[-1]).index_select(0, self.token_slot_prev)
+        return gate_weighted_sum(gathered.masked_fill(self.dropped, 0.0), self.weights)
 
 
 def phases(shape: str, bf16: bool) -> dict:
@@ -125,18 +154,23 @@ def phases(shape: str, bf16: bool) -> dict:
     def run_capacity():
         positions_within_expert(expert_index.transpose(1, 2).reshape(groups, K * size), E)
 
-    def run_dispatch():
-        with amp():
-            d = IndexDispatcher(plan)
-            d.dispatch(x).float().square().mean().backward()
+    def run_dispatch(cls=IndexDispatcher):
+        def run():
+            with amp():
+                d = cls(plan)
+                d.dispatch(x).float().square().mean().backward()
+        return run
 
-    d_fixed = IndexDispatcher(plan)
     weights = plan.combine_weights.detach().requires_grad_()
 
-    def run_combine():
-        with amp():
-            d_fixed.weights = weights * plan.kept
-            d_fixed.combine(buf).float().square().mean().backward()
+    def run_combine(cls=IndexDispatcher):
+        d_fixed = cls(plan)
+
+        def run():
+            with amp():
+                d_fixed.weights = weights * plan.kept
+                d_fixed.combine(buf).float().square().mean().backward()
+        return run
 
     def run_losses():
         lg = logits.detach().requires_grad_()
@@ -171,18 +205,25 @@ def phases(shape: str, bf16: bool) -> dict:
         return run
 
     def run_layer_prev():
-        current = noise_module.group_normal
-        noise_module.group_normal = group_normal_prev
+        current = noise_module.group_normal, routers_module.IndexDispatcher
+        noise_module.group_normal, routers_module.IndexDispatcher = group_normal_prev, IndexDispatcherPrev
         try:
             run_layer(True)()
         finally:
-            noise_module.group_normal = current
+            noise_module.group_normal, routers_module.IndexDispatcher = current
     fns = {"router": run_router, "noise": run_noise, "noise_prev": run_noise_prev, "topk_bpr": run_topk,
            "capacity": run_capacity,
-           "dispatch": run_dispatch, "combine": run_combine, "losses": run_losses, "metrics": run_metrics,
+           "dispatch": run_dispatch(), "combine": run_combine(),
+           "dispatch_prev": run_dispatch(IndexDispatcherPrev), "combine_prev": run_combine(IndexDispatcherPrev),
+           "losses": run_losses, "metrics": run_metrics,
            "soft_norm": run_soft_norm, "soft_metrics": run_soft_metrics, "experts": run_experts,
            "layer": run_layer(True), "layer_lean": run_layer(False), "layer_prev": run_layer_prev}
     return fns
+
+
+def share(part: float, whole: float) -> str:
+    """part / whole, or n/a where the whole (a difference of timings) is not positive."""
+    return f"{part / whole:.2f}" if whole > 0 else "n/a"
 
 
 def main() -> None:
@@ -196,7 +237,8 @@ def main() -> None:
           f"oneDNN bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}, torch {torch.__version__}, "
           f"{args.threads} threads; E={E}, K={K}, C={CF}, BPR; median of {args.repeats}")
     names = ["router", "noise", "topk_bpr", "capacity", "dispatch", "combine", "losses", "metrics", "soft_norm",
-             "soft_metrics", "noise_prev", "experts", "layer", "layer_lean", "layer_prev"]
+             "soft_metrics", "noise_prev", "dispatch_prev", "combine_prev", "experts", "layer", "layer_lean",
+             "layer_prev"]
     print("| shape | dtype | " + " | ".join(names) + " | top-K phases / (layer - experts) "
           "| overhead before: layer_prev - experts | after: layer_lean - experts | after / before |")
     print("|---|---|" + "---|" * (len(names) + 4))
@@ -210,8 +252,8 @@ def main() -> None:
             before = paired_difference(runs, "layer_prev", "experts")
             after = paired_difference(runs, "layer_lean", "experts")
             print(f"| {shape} {SHAPES[shape]} | {'bf16' if bf16 else 'fp32'} | " + " | ".join(cells)
-                  + f" | {topk / max(t['layer'] - exp, 1e-9):.2f} | {before * 1e3:.2f} ({before / exp:.3f}) "
-                  f"| {after * 1e3:.2f} ({after / exp:.3f}) | {after / before:.2f} |", flush=True)
+                  + f" | {share(topk, t['layer'] - exp)} | {before * 1e3:.2f} ({before / exp:.3f}) "
+                  f"| {after * 1e3:.2f} ({after / exp:.3f}) | {share(after, before)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,16 @@ on the layer's (E, G*p, D) buffers as the yardstick:
              expert outputs (Bfloat16Dispatcher)
   experts    the expert MLP alone (the yardstick)
   layer      the whole layer, statistics off (as on unlogged steps)
+  experts_c, layer_c  with --compile: the same two under torch.compile
+             (inductor, fullgraph), where the element-wise passes around
+             the mixes (normalisations, softmaxes, bfloat16 rounding) fuse
 
 Each cell: ms, and in brackets the fraction of the experts' time. The
 mixing FLOPs (4*G*S*E*p*D forward) against the experts' (4*E*G*p*D*H) are
 printed beside them: the share of the mixes that no implementation of
 Soft MoE can avoid. The CPU's ISA is printed.
 
-Usage: python benchmarks/soft_moe_phases.py [--shapes S32 B16] [--k 1 2] [--repeats 5] [--threads 2]
+Usage: python benchmarks/soft_moe_phases.py [--shapes S32 B16] [--k 1 2] [--repeats 5] [--threads 2] [--compile]
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ E = 8
 NAMES = ("router", "dispatch", "combine", "bf16_round", "experts", "layer")
 
 
-def phases(shape: str, k: int) -> tuple[dict, int, float]:
+def phases(shape: str, k: int, compiled: bool = False) -> tuple[dict, int, float]:
     size, groups, dim, hidden = SOFT_SHAPES[shape]
     slots = max(1, round(size * k * 1.05 / E))
     torch.manual_seed(0)
@@ -63,15 +66,20 @@ def phases(shape: str, k: int) -> tuple[dict, int, float]:
     def run_round():
         (round_to_bfloat16(x).square().mean() + round_to_bfloat16(buf).square().mean()).backward()
 
-    def run_experts():
-        layer.experts(buf).square().mean().backward()
+    def run_experts(experts=layer.experts):
+        experts(buf).square().mean().backward()
 
-    def run_layer():
+    def run_layer(module=layer):
         with routing_metrics(False):
-            y, _ = layer(x)
+            y, _ = module(x)
             y.square().mean().backward()
 
     fns = dict(zip(NAMES, (run_router, run_dispatch, run_combine, run_round, run_experts, run_layer)))
+    if compiled:
+        torch._dynamo.reset()
+        layer_c, experts_c = torch.compile(layer, fullgraph=True), torch.compile(layer.experts, fullgraph=True)
+        fns["experts_c"] = lambda: run_experts(experts_c)
+        fns["layer_c"] = lambda: run_layer(layer_c)
     mix_flops = 4 * groups * size * E * slots * dim
     expert_flops = 4 * E * groups * slots * dim * hidden
     return fns, slots, mix_flops / expert_flops
@@ -83,22 +91,26 @@ def main() -> None:
     ap.add_argument("--k", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time the layer and its experts compiled")
     args = ap.parse_args()
+    names = NAMES + (("experts_c", "layer_c") if args.compile else ())
     torch.set_num_threads(args.threads)
     print(f"{platform.processor() or platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"torch {torch.__version__}, {args.threads} threads, fp32, E={E}, median of {args.repeats}")
-    print("| shape | matched K | p | " + " | ".join(NAMES) + " | mix FLOPs / expert FLOPs "
-          "| phases / (layer - experts) |")
-    print("|---|---|---|" + "---|" * (len(NAMES) + 2))
+    print("| shape | matched K | p | " + " | ".join(names) + " | mix FLOPs / expert FLOPs "
+          "| phases / (layer - experts) |" + (" layer_c / experts_c |" if args.compile else ""))
+    print("|---|---|---|" + "---|" * (len(names) + 2 + args.compile))
     for shape in args.shapes:
         for k in args.k:
-            fns, slots, flop_share = phases(shape, k)
+            fns, slots, flop_share = phases(shape, k, args.compile)
             t = timed(fns, args.repeats)
             exp = t["experts"]
-            cells = [f"{t[n] * 1e3:.2f} ({t[n] / exp:.3f})" for n in NAMES]
+            cells = [f"{t[n] * 1e3:.2f} ({t[n] / exp:.3f})" for n in names]
             parts = sum(t[n] for n in NAMES[:4])
+            share = f"{parts / (t['layer'] - exp):.2f}" if t["layer"] > exp else "n/a"
+            compiled = f" {t['layer_c'] / t['experts_c']:.3f} |" if args.compile else ""
             print(f"| {shape} {SOFT_SHAPES[shape]} | {k} | {slots} | " + " | ".join(cells)
-                  + f" | {flop_share:.3f} | {parts / max(t['layer'] - exp, 1e-9):.2f} |", flush=True)
+                  + f" | {flop_share:.3f} | {share} |" + compiled, flush=True)
 
 
 if __name__ == "__main__":

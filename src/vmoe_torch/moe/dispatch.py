@@ -135,9 +135,15 @@ class DroplessDispatcher:
     padded; all groups are dispatched together. Combine is the index
     dispatcher's gate-weighted sum over each token's K rows.
 
+    Both gathers know their inverse map, so their backward passes are
+    gathers too (`moe.gather.paired_gather`).
+
     Attributes:
       offsets: (E,) int32 end row of each expert's segment (device tensor).
       row_expert: (G*S*K,) int64 expert of each sorted row.
+      row_token: (G*S*K,) token of each sorted row.
+      choice_row: (G*S, K) sorted row of each token's choices.
+      row_choice: (G*S*K, 1) choice (t*K + k) in each sorted row.
     """
 
     def __init__(self, expert_index: Tensor, combine_weights: Tensor, num_experts: int) -> None:
@@ -149,16 +155,18 @@ class DroplessDispatcher:
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         self.offsets = counts.cumsum(0).to(torch.int32)
         self.row_token = order // k                                       # token of each sorted row
-        self.choice_row = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
+        self.row_choice = order.view(-1, 1)
+        self.choice_row = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.numel(), device=flat.device)).view(-1, k)
         self.weights = combine_weights                                    # (G, S, K)
 
     def dispatch(self, x: Tensor) -> Tensor:
         """(G, S, D) -> (G*S*K, D) rows sorted by expert."""
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.row_token)
+        return paired_gather(x.reshape(-1, x.shape[-1]), self.row_token, self.choice_row)
 
     def combine(self, y: Tensor) -> Tensor:
         """(G*S*K, D) expert outputs -> (G, S, D)."""
-        return gate_weighted_sum(y.index_select(0, self.choice_row), self.weights)
+        return gate_weighted_sum(paired_gather(y, self.choice_row.reshape(-1), self.row_choice), self.weights)
 
 
 class ExpertChoiceDispatcher:

@@ -65,12 +65,27 @@ def _backward(ctx: Any, grad: Tensor) -> tuple:
     return torch.ops.vmoe_torch.gather_sum(grad, inverse), None, None
 
 
+def _gather_sum_setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(inputs[1])
+    ctx.rows = inputs[0].shape[0]
+
+
+def _gather_sum_backward(ctx: Any, grad: Tensor) -> tuple:
+    # Only second-order gradients come here (gradient penalties, Hessian
+    # products): the transpose of gather_sum, a scatter-add, plain torch.
+    (index,) = ctx.saved_tensors
+    out = grad.new_zeros(ctx.rows + 1, grad.shape[-1])
+    out = out.index_add(0, index.reshape(-1), grad.repeat_interleave(index.shape[1], 0))
+    return out[:ctx.rows], None
+
+
 def _register_ops() -> bool:
     """Registers `vmoe_torch::paired_gather` and `vmoe_torch::gather_sum` as
     torch custom operators: opaque to torch.compile (which calls them as
     they are, with no atomic scatter and no tracing into an autograd
-    Function under dynamic shapes), with the paired gather's backward
-    registered. False on a torch without `torch.library.custom_op` (< 2.4)."""
+    Function under dynamic shapes), with their backward passes registered
+    (gather_sum's, used only for second-order gradients, a scatter-add).
+    False on a torch without `torch.library.custom_op` (< 2.4)."""
     if not hasattr(torch.library, "custom_op"):
         return False
     library = torch.library
@@ -92,6 +107,7 @@ def _register_ops() -> bool:
         return src.new_empty(index.shape[0], src.shape[-1])
 
     paired_gather_op.register_autograd(_backward, setup_context=_setup_context)
+    gather_sum_op.register_autograd(_gather_sum_backward, setup_context=_gather_sum_setup_context)
     return True
 
 
