@@ -39,11 +39,10 @@ import statistics
 
 import torch
 from moe_layer import paired_difference, timed_runs  # benchmarks/moe_layer.py's interleaved repeats
-from moe_phases import SHAPES, IndexDispatcherPrev  # SHAPES: name -> (group_size, groups, D, H)
+from moe_phases import SHAPES, previous_dispatcher  # SHAPES: name -> (group_size, groups, D, H)
 from torch._inductor.utils import run_and_get_code
 
 from vmoe_torch import MoeMlp, RoutingConfig
-from vmoe_torch.moe import routers as routers_module
 from vmoe_torch.moe.metrics_switch import routing_metrics
 
 E, K, CF = 8, 2, 1.05
@@ -60,17 +59,6 @@ def code_counts(code: list[str]) -> dict:
         "templates": len(set(re.findall(r"\bcpp_\w*[Gg]emm\w*(?= = async_compile)", text))),
         "atomic": len(re.findall(r"\batomic_add\w*", text)),
     }
-
-
-@contextlib.contextmanager
-def previous_dispatcher():
-    """Routers build `IndexDispatcherPrev` inside the block."""
-    current = routers_module.IndexDispatcher
-    routers_module.IndexDispatcher = IndexDispatcherPrev
-    try:
-        yield
-    finally:
-        routers_module.IndexDispatcher = current
 
 
 def functions(shape: str, bf16: bool, mode: str | None) -> tuple[dict, dict]:

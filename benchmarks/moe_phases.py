@@ -117,6 +117,17 @@ class IndexDispatcherPrev(IndexDispatcher):
         return gate_weighted_sum(gathered.masked_fill(self.dropped, 0.0), self.weights)
 
 
+@contextlib.contextmanager
+def previous_dispatcher():
+    """Routers build `IndexDispatcherPrev` inside the block."""
+    current = routers_module.IndexDispatcher
+    routers_module.IndexDispatcher = IndexDispatcherPrev
+    try:
+        yield
+    finally:
+        routers_module.IndexDispatcher = current
+
+
 def phases(shape: str, bf16: bool) -> dict:
     size, groups, dim, hidden = SHAPES[shape]
     torch.manual_seed(0)
@@ -205,12 +216,13 @@ def phases(shape: str, bf16: bool) -> dict:
         return run
 
     def run_layer_prev():
-        current = noise_module.group_normal, routers_module.IndexDispatcher
-        noise_module.group_normal, routers_module.IndexDispatcher = group_normal_prev, IndexDispatcherPrev
+        current = noise_module.group_normal
+        noise_module.group_normal = group_normal_prev
         try:
-            run_layer(True)()
+            with previous_dispatcher():
+                run_layer(True)()
         finally:
-            noise_module.group_normal, routers_module.IndexDispatcher = current
+            noise_module.group_normal = current
     fns = {"router": run_router, "noise": run_noise, "noise_prev": run_noise_prev, "topk_bpr": run_topk,
            "capacity": run_capacity,
            "dispatch": run_dispatch(), "combine": run_combine(),

@@ -27,8 +27,9 @@ def _maps(n: int, m: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _reference(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The same gather with torch's autograd (index_select, scatter-add backward)."""
-    return torch.cat([src, src.new_zeros(1, src.shape[1])]).index_select(0, index)
+    """The same gather through torch's own autograd (index_select, whose
+    backward scatter-adds): `padded_gather` called directly."""
+    return padded_gather(src, index)
 
 
 @settings(max_examples=40, deadline=None)
@@ -72,13 +73,26 @@ def test_gather_sum_adds_the_listed_rows_and_nothing_for_index_n():
     assert torch.equal(gather_sum(b, idx), exact.bfloat16())
 
 
-def test_without_gradients_it_is_the_plain_gather():
+def test_plain_gather_without_gradients_and_under_export():
+    """The custom operator only where a backward can run: not under no_grad,
+    and not in torch.export's graphs (ONNX keeps to ATen operators)."""
     index, inverse = _maps(6, 10, 2, seed=1)
-    src = torch.randn(6, 4)
-    assert torch.equal(paired_gather(src, index, inverse), padded_gather(src, index))
+    src = torch.randn(6, 4, requires_grad=True)
+    assert "vmoe_torch_paired_gather" in paired_gather(src, index, inverse).grad_fn.name()
     with torch.no_grad():
-        src.requires_grad_()
-        assert torch.equal(paired_gather(src, index, inverse), padded_gather(src.detach(), index))
+        out = paired_gather(src, index, inverse)
+    assert out.grad_fn is None and torch.equal(out, padded_gather(src.detach(), index))
+
+    class Gather(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows = torch.nn.Parameter(torch.randn(6, 4))
+
+        def forward(self, scale: torch.Tensor) -> torch.Tensor:
+            return paired_gather(self.rows * scale, index, inverse)
+
+    graph = str(torch.export.export(Gather(), (torch.ones(1),)).graph)
+    assert "index_select" in graph and "vmoe_torch" not in graph
 
 
 def test_custom_operators_pass_opcheck():
